@@ -1,0 +1,50 @@
+"""Capture and restore every random-number generator a run touches (per rank)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def save_rng(ckpt_dir: Path, rank: int) -> None:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = state
+    save_file(tensors, str(ckpt_dir / f"rng_rank{rank}.safetensors"))
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    (ckpt_dir / f"rng_rank{rank}.json").write_text(json.dumps(meta))
+
+
+def load_rng(ckpt_dir: Path, rank: int) -> None:
+    path = ckpt_dir / f"rng_rank{rank}.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no RNG state for rank {rank} (was the run saved with another world size?)")
+    tensors = load_file(str(path))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    meta = json.loads((ckpt_dir / f"rng_rank{rank}.json").read_text())
+    v, state, gauss = meta["python"]
+    random.setstate((v, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) from one number."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

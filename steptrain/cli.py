@@ -1,0 +1,99 @@
+"""`steptrain <verb>`: train (Hydra overrides), config (print the resolved config), export.
+
+    steptrain train experiment=sft_lora model.path=DIR data.train_files=[a.jsonl] output_dir=OUT
+    torchrun --nproc_per_node 2 -m steptrain train engine=ddp ...
+    steptrain export OUT/checkpoints/step_100 EXPORT_DIR [--merge-lora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from steptrain.config import ConfigError, load_config
+
+RECIPES = {"sft": "steptrain.recipes.sft"}
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0 else f"[rank {rank}] %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _file_log(output_dir: str) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        handler = logging.FileHandler(os.path.join(output_dir, "train.log"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(args.overrides, args.config_dir)
+    _file_log(cfg.output_dir)
+    import importlib
+
+    recipe = importlib.import_module(RECIPES[cfg.recipe.name])
+    result = recipe.run(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"checkpoint: {result['checkpoint']}")
+        if result["eval"]:
+            print("eval: " + " ".join(f"{k}={v:.4f}" for k, v in result["eval"].items()))
+    return 0
+
+
+def cmd_config(args) -> int:
+    from omegaconf import OmegaConf
+
+    print(OmegaConf.to_yaml(load_config(args.overrides, args.config_dir)), end="")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from steptrain.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir, merge_lora=args.merge_lora)
+    print(f"exported: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steptrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for verb, fn, help_ in (("train", cmd_train, "train with Hydra overrides"),
+                            ("config", cmd_config, "print the resolved config and exit")):
+        p = sub.add_parser(verb, help=help_)
+        p.add_argument("overrides", nargs="*", help="Hydra overrides: experiment=NAME key=value ...")
+        p.add_argument("--config-dir", default=None, help="config tree (default: the repository's configs/)")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("export", help="checkpoint -> HF directory or PEFT adapter")
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--merge-lora", action="store_true", help="merge LoRA into the base and write a full model")
+    p.set_defaults(fn=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    args = build_parser().parse_args(argv)
+    from steptrain.checkpoint import CheckpointError
+    from steptrain.data import DataError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"steptrain: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Compose a run's config from ``configs/`` with Hydra, and turn every failure into one clear line.
+
+We use Hydra's compose API instead of ``@hydra.main`` so that steptrain owns the output directory and
+the process (no working-directory change, no ``.hydra`` folders) and so the same function serves the
+CLI, torchrun workers and tests.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from steptrain.config.schema import TrainConfig
+from steptrain.config.validate import ConfigError, validate
+
+SCHEMA_NAME = "train_schema"
+
+
+def default_config_dir() -> Path:
+    """``$STEPTRAIN_CONFIG_DIR`` if set, else the repository's ``configs/``."""
+    env = os.environ.get("STEPTRAIN_CONFIG_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+
+
+def _register_schema() -> None:
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+
+
+def _schema_keys(dotted: str) -> list[str] | None:
+    """The valid field names under a dotted config path, or None if the path is not a section."""
+    node: object = TrainConfig
+    for part in [p for p in dotted.split(".") if p]:
+        if not is_dataclass(node):
+            return None
+        match = {f.name: f for f in fields(node)}.get(part)
+        if match is None:
+            return None
+        node = match.default_factory() if callable(match.default_factory) else match.default
+    return sorted(f.name for f in fields(node)) if is_dataclass(node) else None
+
+
+def _explain(exc: Exception) -> str:
+    """One readable message from a Hydra/OmegaConf error, with the valid keys where we can name them."""
+    text = str(exc).strip()
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in text:
+        text = f"{text}\n{str(cause).strip()}"
+    key = re.search(r"full_key: ([\w.]+)", text)
+    missing = re.search(r"Key '(\w+)' not in '(\w+)'", text)
+    if missing and key:
+        parent = key.group(1).rsplit(".", 1)[0] if "." in key.group(1) else ""
+        valid = _schema_keys(parent)
+        if valid:
+            where = parent or "the top level"
+            return f"unknown config key '{key.group(1)}'; valid keys in {where}: {', '.join(valid)}"
+    group = re.search(r"Could not find '([\w/]+)/(\w+)'", text)
+    options = re.search(r"Available options in '[\w/]+':\s*((?:[\w-]+\s+)*?)Config search path", text)
+    if group:
+        choices = ", ".join(options.group(1).split()) if options else "none"
+        return f"unknown choice {group.group(1)}={group.group(2)}; valid choices for {group.group(1)}: {choices}"
+    if key:
+        detail = next((ln.strip() for ln in text.splitlines() if "could not be converted" in ln or "Value '" in ln), "")
+        if detail:
+            return f"wrong type for '{key.group(1)}': {detail}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def load_config(overrides: list[str], config_dir: str | Path | None = None) -> DictConfig:
+    """Compose ``train.yaml`` + ``overrides`` into a validated, resolved, read-only config."""
+    _register_schema()
+    GlobalHydra.instance().clear()
+    cdir = Path(config_dir) if config_dir else default_config_dir()
+    try:
+        with initialize_config_dir(config_dir=str(cdir), version_base=None):
+            cfg = compose(config_name="train", overrides=list(overrides))
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(_explain(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def load_saved_config(path: str | Path) -> DictConfig:
+    """Re-read a ``config.yaml`` written by a run, checked against the current schema."""
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        cfg = OmegaConf.merge(schema, OmegaConf.load(path))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {_explain(exc)}") from None
+    validate(cfg)
+    return cfg

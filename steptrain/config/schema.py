@@ -1,0 +1,140 @@
+"""Typed schemas for every config group.
+
+Hydra merges the YAML files under ``configs/`` into these dataclasses, so an unknown key or a value of
+the wrong type fails while the config is composed, before anything is built. Cross-field rules live in
+``validate.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "sft"  # which file in steptrain/recipes runs the loop
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # HF-format model directory (AutoModelForCausalLM)
+    preset: str | None = None  # or a tiny architecture from steptrain.models.presets (random init)
+    tokenizer_path: str | None = None  # defaults to `path`; required with `preset`
+    trust_remote_code: bool = False
+    dtype: str = "float32"  # weights dtype on load: float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    template: str = "step"  # step | jinja (the tokenizer's own chat template)
+    step_bos: bool = True  # put the BOS token in front of the step template (ms-swift `step_audio`)
+    system: str | None = None  # default system prompt for rows without one
+    loss_on: str = "all_assistant"  # all_assistant | last_assistant
+    max_length: int = 1024
+    truncation: str = "right"  # right (cut the end) | left (keep the end) | drop (skip the row)
+    packing: bool = False  # concatenate rows into max_length bins; attention never crosses rows
+    group_by_length: bool = True  # batch rows of similar length (less padding)
+    shuffle: bool = True
+    on_error: str = "error"  # error: stop at the first bad row | skip: skip it and count it
+    eval_fraction: float = 0.0  # hold out this fraction of train rows when eval_files is empty
+
+
+@dataclass
+class PeftConfig:
+    method: str = "none"  # none | lora
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+    modules_to_save: list[str] = field(default_factory=list)
+    train_new_tokens: bool = True  # make embedding rows of tokens added to the vocabulary trainable
+
+
+@dataclass
+class EngineConfig:
+    name: str = "single"  # single | ddp
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    device: str = "auto"  # auto | cpu | cuda
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
+    # Learning-rate multipliers by parameter-name regex, e.g. {"embed_tokens": 5.0, "lm_head": 5.0}.
+    lr_mult: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 0  # optimizer steps; 0 means `epochs` full passes
+    epochs: int = 1
+    batch_size: int = 4  # rows per device per micro-batch
+    grad_accum: int = 1
+    seed: int = 42
+    precision: str = "auto"  # auto (bf16 on capable GPUs, fp32 on CPU) | fp32 | bf16 | fp16
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    keep_last: int = 2  # checkpoints kept on disk (older ones are deleted after a good save)
+    eval_every: int = 0  # optimizer steps between evaluations; 0: only at the start and the end
+    eval_batches: int = 0  # cap on eval micro-batches (0: all)
+    generate_eval: int = 0  # rows of the eval set scored by greedy generation (exact match); 0: off
+    max_new_tokens: int = 64
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1  # console/progress update cadence; metrics.jsonl gets every step
+    progress_bar: bool = True
+    tensorboard: bool = True
+    wandb: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "steptrain"
+    plot: bool = True  # loss-curve PNG at the end of a run
+
+
+@dataclass
+class TrainConfig:
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output_dir: str = MISSING
+    resume: str = "auto"  # auto (newest complete checkpoint in output_dir, if any) | none | PATH
+    experiment: str | None = None  # name of the preset this run started from (informational)
+
+
+# Allowed values of enumerated string fields, checked in validate.py with the valid choices named.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "recipe.name": ("sft",),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "data.template": ("step", "jinja"),
+    "data.loss_on": ("all_assistant", "last_assistant"),
+    "data.truncation": ("right", "left", "drop"),
+    "data.on_error": ("error", "skip"),
+    "peft.method": ("none", "lora"),
+    "engine.name": ("single", "ddp"),
+    "engine.backend": ("auto", "gloo", "nccl"),
+    "engine.device": ("auto", "cpu", "cuda"),
+    "optim.scheduler": ("cosine", "linear", "constant"),
+    "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
+    "logging.wandb": ("disabled", "offline", "online"),
+}

@@ -1,0 +1,108 @@
+"""Cross-field checks that a typed schema cannot express.
+
+Every check runs before any model, tokenizer or dataset is loaded, and names the key at fault plus the
+valid choices, so a typo costs seconds, not a queue slot on a cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from steptrain.config.schema import CHOICES
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and what would be valid."""
+
+
+def _get(cfg: DictConfig, dotted: str):
+    return OmegaConf.select(cfg, dotted)
+
+
+def validate(cfg: DictConfig) -> None:
+    problems: list[str] = []
+
+    def fail(msg: str) -> None:
+        problems.append(msg)
+
+    for key, valid in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in valid:
+            fail(f"{key}={value!r} is not one of: {', '.join(valid)}")
+
+    if OmegaConf.is_missing(cfg, "output_dir") or not cfg.output_dir:
+        fail("output_dir is required (output_dir=DIR)")
+
+    m = cfg.model
+    if bool(m.path) == bool(m.preset):
+        fail("set exactly one of model.path (HF model directory) or model.preset (tiny architecture)")
+    if m.preset and not m.tokenizer_path:
+        fail("model.preset needs model.tokenizer_path (a tokenizer directory)")
+    if m.path and not Path(m.path).is_dir():
+        fail(f"model.path={m.path!r} is not a directory")
+
+    d = cfg.data
+    if not d.train_files:
+        fail("data.train_files is empty (data.train_files=[a.jsonl,...])")
+    for key in ("train_files", "eval_files"):
+        for f in d[key]:
+            if not Path(f).exists():
+                fail(f"data.{key}: {f!r} does not exist")
+    if d.max_length < 8:
+        fail(f"data.max_length={d.max_length} is too small (>= 8)")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        fail(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+    if d.eval_fraction > 0 and d.eval_files:
+        fail("data.eval_fraction and data.eval_files contradict each other: use one source of eval rows")
+
+    t = cfg.trainer
+    for key in ("batch_size", "grad_accum", "keep_last"):
+        if t[key] < 1:
+            fail(f"trainer.{key}={t[key]} must be >= 1")
+    for key in ("max_steps", "save_every", "eval_every", "eval_batches", "generate_eval"):
+        if t[key] < 0:
+            fail(f"trainer.{key}={t[key]} must be >= 0")
+    if t.max_steps == 0 and t.epochs < 1:
+        fail("trainer.max_steps=0 needs trainer.epochs >= 1")
+    if t.generate_eval and not (d.eval_files or d.eval_fraction):
+        fail("trainer.generate_eval needs eval rows: set data.eval_files or data.eval_fraction")
+
+    o = cfg.optim
+    if o.lr <= 0:
+        fail(f"optim.lr={o.lr} must be > 0")
+    if o.warmup_steps and o.warmup_ratio:
+        fail("optim.warmup_steps and optim.warmup_ratio contradict each other: set only one")
+    if not 0.0 <= o.warmup_ratio < 1.0:
+        fail(f"optim.warmup_ratio={o.warmup_ratio} must be in [0, 1)")
+    if t.max_steps and o.warmup_steps > t.max_steps:
+        fail(f"optim.warmup_steps={o.warmup_steps} exceeds trainer.max_steps={t.max_steps}")
+    if len(o.betas) != 2:
+        fail(f"optim.betas must have two values, got {list(o.betas)}")
+    for pattern, mult in o.lr_mult.items():
+        if mult < 0:
+            fail(f"optim.lr_mult[{pattern!r}]={mult} must be >= 0")
+
+    p = cfg.peft
+    if p.method == "lora":
+        if p.r < 1 or p.alpha <= 0:
+            fail(f"peft.r={p.r} and peft.alpha={p.alpha} must be positive")
+        if not 0.0 <= p.dropout < 1.0:
+            fail(f"peft.dropout={p.dropout} must be in [0, 1)")
+        tm = p.target_modules
+        if not (tm == "all-linear" or OmegaConf.is_list(tm) and len(tm) > 0):
+            fail(f"peft.target_modules={tm!r} must be 'all-linear' or a non-empty list of module names")
+
+    e = cfg.engine
+    if e.backend == "nccl" and e.device == "cpu":
+        fail("engine.backend=nccl needs engine.device=cuda (use gloo on CPU)")
+    if t.precision == "fp16" and e.device == "cpu":
+        fail("trainer.precision=fp16 is not supported on CPU (use bf16 or fp32)")
+
+    r = cfg.resume
+    if r not in ("auto", "none") and not Path(r).is_dir():
+        fail(f"resume={r!r} is not 'auto', 'none' or an existing checkpoint directory")
+
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

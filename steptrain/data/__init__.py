@@ -1,0 +1,24 @@
+"""Data layer: ms-swift JSONL (and HF datasets) -> chat-template segments -> token ids/labels -> batches."""
+
+from steptrain.data.batching import collate, plan_epoch
+from steptrain.data.dataset import SFTData, load_sft_data
+from steptrain.data.encode import IGNORE_INDEX, Encoded, encode_segments
+from steptrain.data.errors import DataError
+from steptrain.data.reader import read_rows, row_messages
+from steptrain.data.templates import ChatTemplate, Segment, build_template
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ChatTemplate",
+    "DataError",
+    "Encoded",
+    "SFTData",
+    "Segment",
+    "build_template",
+    "collate",
+    "encode_segments",
+    "load_sft_data",
+    "plan_epoch",
+    "read_rows",
+    "row_messages",
+]

@@ -1,0 +1,58 @@
+"""Rows on disk -> encoded SFT examples, with counts of everything that was cut or left out."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from steptrain.data.encode import IGNORE_INDEX, Encoded, fit_length, tokenize_segments
+from steptrain.data.errors import DataError
+from steptrain.data.reader import read_rows, row_messages
+from steptrain.data.templates import NOT_PREFIX_STABLE, build_template
+
+
+@dataclass
+class SFTData:
+    examples: list[Encoded]
+    # rows (valid rows read), skipped (by reason, reader and template), truncated (kept, cut to max_length),
+    # dropped_too_long (truncation=drop), dropped_no_labels, tokens and label_tokens (of the kept examples)
+    stats: dict = field(default_factory=dict)
+
+
+def load_sft_data(files: list[str], tokenizer, data_cfg) -> SFTData:
+    """Read, render and tokenize `files` as configured by `data_cfg` (a DataConfig); logs nothing.
+
+    A row the chat template cannot render is a bad row like any other (fatal, or skipped and counted
+    under ``on_error=skip``), except a template that is not prefix-stable: that is a configuration
+    problem, so it always stops.
+    """
+    rows, skipped = read_rows(list(files), on_error=data_cfg.on_error)
+    skipped = Counter(skipped)
+    template = build_template(
+        data_cfg.template, tokenizer, bos=data_cfg.step_bos, default_system=data_cfg.system
+    )
+    examples: list[Encoded] = []
+    stats = Counter()
+    for row in rows:
+        source = row["_source"]
+        try:
+            segments = template.segments(row_messages(row), loss_on=data_cfg.loss_on)
+        except DataError as e:
+            if data_cfg.on_error == "error" or e.reason == NOT_PREFIX_STABLE:
+                raise e.at(source) from None
+            skipped[e.reason] += 1
+            continue
+        input_ids, labels = tokenize_segments(segments, tokenizer)
+        too_long = len(input_ids) > data_cfg.max_length
+        example = fit_length(
+            input_ids, labels, max_length=data_cfg.max_length, truncation=data_cfg.truncation, source=source
+        )
+        if example is None:
+            stats["dropped_too_long" if too_long and data_cfg.truncation == "drop" else "dropped_no_labels"] += 1
+            continue
+        stats["truncated"] += too_long
+        stats["tokens"] += len(example.input_ids)
+        stats["label_tokens"] += sum(label != IGNORE_INDEX for label in example.labels)
+        examples.append(example)
+    keys = ("truncated", "dropped_too_long", "dropped_no_labels", "tokens", "label_tokens")
+    return SFTData(examples, {"rows": len(rows), "skipped": dict(skipped), **{k: stats[k] for k in keys}})

@@ -1,0 +1,106 @@
+"""The engine interface: how a model is placed, stepped, saved and reduced across ranks.
+
+A recipe talks only to this interface, so the same loop runs on one process, DDP, DeepSpeed or
+Megatron. Per optimizer step a recipe does:
+
+    for i, micro in enumerate(micro_batches):
+        with engine.accumulate(last=i == len(micro_batches) - 1), engine.autocast():
+            loss = ...                      # already divided by the step's global token count
+            engine.backward(loss)
+    grad_norm = engine.step()               # clip, optimizer, scheduler, zero_grad
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+
+class Engine(ABC):
+    name: str = "base"
+
+    def __init__(self, engine_cfg, trainer_cfg):
+        self.cfg = engine_cfg
+        self.trainer_cfg = trainer_cfg
+        self.model: torch.nn.Module | None = None  # what forward() is called on (maybe wrapped)
+        self.module: torch.nn.Module | None = None  # the unwrapped model (for generate, export)
+        self.optimizer = None
+        self.scheduler = None
+
+    # --- topology -------------------------------------------------------------------------------
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op on one process)."""
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce ``tensor`` over ranks in place and return it (sum | max | min)."""
+        return tensor
+
+    def close(self) -> None:
+        """Release process groups and other resources."""
+
+    # --- training ---------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare(self, model, param_groups: list[dict], optim_cfg, total_steps: int):
+        """Place/wrap the model and build the optimizer and scheduler; returns (model, optimizer, scheduler)."""
+
+    def precision(self) -> str:
+        p = self.trainer_cfg.precision
+        if p != "auto":
+            return p
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+
+    def autocast(self):
+        p = self.precision()
+        if p == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if p == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def accumulate(self, last: bool):
+        """Context for one micro-batch; gradient sync happens only when ``last`` is True."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def step(self) -> float:
+        """Clip, step the optimizer and scheduler, zero the grads; return the pre-clip grad norm."""
+
+    def lr_factor(self) -> float:
+        """Current scheduler multiplier on the base learning rate."""
+        return float(self.scheduler.lr_lambdas[0](self.scheduler.last_epoch))
+
+    # --- state ------------------------------------------------------------------------------------
+    @abstractmethod
+    def save(self, ckpt_dir: Path) -> None:
+        """Write model (trainable part), optimizer and scheduler state into ``ckpt_dir`` (all ranks call)."""
+
+    @abstractmethod
+    def load(self, ckpt_dir: Path) -> None:
+        """Restore what ``save`` wrote (all ranks call)."""
+
+    @abstractmethod
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters by name, gathered and on CPU (valid on the main rank)."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer by name, gathered and on CPU (valid on the main rank)."""

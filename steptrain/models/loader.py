@@ -1,0 +1,53 @@
+"""Load a tokenizer and a causal LM from an HF-format directory or a tiny preset.
+
+Nothing here knows about training: the recipe decides precision, devices and sharding through the
+engine. ``trust_remote_code`` stays off unless the config asks for it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(model_cfg) -> PreTrainedTokenizerBase:
+    path = model_cfg.tokenizer_path or model_cfg.path
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    if tok.pad_token_id is None:
+        # Padding positions never carry loss, so any id works; EOS is the conventional choice.
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_model(model_cfg, tokenizer) -> tuple[PreTrainedModel, list[int]]:
+    """The model, plus the ids of tokens that were added to its vocabulary (their rows are new)."""
+    if model_cfg.preset:
+        from steptrain.models.presets import build_preset
+
+        model = build_preset(model_cfg.preset, tokenizer)
+        model.to(DTYPES[model_cfg.dtype])
+        model.config._attn_implementation = model_cfg.attn_implementation
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.path,
+            dtype=DTYPES[model_cfg.dtype],
+            trust_remote_code=model_cfg.trust_remote_code,
+            attn_implementation=model_cfg.attn_implementation,
+        )
+    old_vocab = model.get_input_embeddings().weight.shape[0]
+    new_ids: list[int] = []
+    if len(tokenizer) > old_vocab:
+        # Mean-initialised rows for tokens the tokenizer has and the checkpoint lacks.
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        new_ids = list(range(old_vocab, len(tokenizer)))
+        log.info("resized embeddings %d -> %d for added tokens", old_vocab, len(tokenizer))
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model, new_ids

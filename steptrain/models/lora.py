@@ -1,0 +1,43 @@
+"""LoRA through peft: the adapter config built from ``cfg.peft``, and the trainable-parameter report."""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import OmegaConf
+from peft import LoraConfig, get_peft_model
+from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+
+def lora_config(peft_cfg, new_token_ids: list[int]) -> LoraConfig:
+    targets = peft_cfg.target_modules
+    targets = targets if isinstance(targets, str) else list(OmegaConf.to_object(targets))
+    kwargs = {}
+    if new_token_ids and peft_cfg.train_new_tokens:
+        # Rows of added tokens are random/mean-initialised: they must learn, while the rest stays frozen.
+        kwargs["trainable_token_indices"] = list(new_token_ids)
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout,
+        target_modules=targets,
+        modules_to_save=list(peft_cfg.modules_to_save) or None,
+        **kwargs,
+    )
+
+
+def apply_lora(model: PreTrainedModel, peft_cfg, new_token_ids: list[int]):
+    model = get_peft_model(model, lora_config(peft_cfg, new_token_ids))
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
