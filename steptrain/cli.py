@@ -28,21 +28,28 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _file_log(output_dir: str) -> None:
-    if int(os.environ.get("RANK", 0)) == 0:
-        os.makedirs(output_dir, exist_ok=True)
-        handler = logging.FileHandler(os.path.join(output_dir, "train.log"))
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(handler)
+def _file_log(output_dir: str) -> logging.Handler:
+    """Mirror the main rank's log into <output_dir>/train.log."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return logging.NullHandler()
+    os.makedirs(output_dir, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(output_dir, "train.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
 
 
 def cmd_train(args) -> int:
     cfg = load_config(args.overrides, args.config_dir)
-    _file_log(cfg.output_dir)
     import importlib
 
     recipe = importlib.import_module(RECIPES[cfg.recipe.name])
-    result = recipe.run(cfg)
+    handler = _file_log(cfg.output_dir)
+    logging.getLogger().addHandler(handler)
+    try:
+        result = recipe.run(cfg)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"checkpoint: {result['checkpoint']}")
         if result["eval"]:

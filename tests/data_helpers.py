@@ -20,7 +20,9 @@ WORDS = (
     "system human assistant input you are a helpful bot hi hello how is the weather sunny today thanks "
     "welcome . ? , ! call tool result ok good"
 ).split()
-VOCAB = {token: i for i, token in enumerate(SPECIALS + WORDS)}  # <unk>=0 <s>=1 </s>=2 <|EOT|>=3 <|BOT|>=4 system=5 ...
+VOCAB = {
+    token: i for i, token in enumerate(SPECIALS + WORDS)
+}  # <unk>=0 <s>=1 </s>=2 <|EOT|>=3 <|BOT|>=4 system=5 ...
 
 # The Step-Audio chat format as a Jinja template (what a Step tokenizer_config.json would carry).
 STEP_JINJA = (
@@ -53,7 +55,9 @@ def ids(text: str) -> list[int]:
 
 def write_jsonl(path: Path, lines: list[dict | str]) -> str:
     """Write rows (dicts are JSON-encoded, strings written verbatim) one per line; returns the path."""
-    path.write_text("".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines), encoding="utf-8")
+    path.write_text(
+        "".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines), encoding="utf-8"
+    )
     return str(path)
 
 

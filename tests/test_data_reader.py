@@ -12,7 +12,11 @@ GOOD = chat(("user", "hi"), ("assistant", "hello!"))
 # (bad line, the message after "path:3: ", the skip-count reason)
 BAD_LINES = [
     ('{"messages": [}', "invalid JSON: Expecting value (col 15)", "invalid JSON"),
-    ('{"messages": [{"role": "user" "content": "x"}]}', "invalid JSON: Expecting ',' delimiter (col 31)", "invalid JSON"),
+    (
+        '{"messages": [{"role": "user" "content": "x"}]}',
+        "invalid JSON: Expecting ',' delimiter (col 31)",
+        "invalid JSON",
+    ),
     ("[1, 2]", "not an object: got list", "not an object"),
     ('{"messages": []}', "missing or empty messages", "missing or empty messages"),
     ('{"text": "hi"}', "missing or empty messages", "missing or empty messages"),
@@ -110,8 +114,9 @@ HF_ROWS = [
 ]
 
 
-def test_parquet_via_datasets(tmp_path):
+def test_parquet_via_datasets(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))  # stay hermetic
     path = str(tmp_path / "train.parquet")
     datasets.Dataset.from_list(HF_ROWS).to_parquet(path)
     with pytest.raises(DataError, match=rf"^{path}:row 2: no assistant turn$"):
@@ -133,6 +138,25 @@ def test_save_to_disk_directory(tmp_path):
     assert rows[0]["messages"] == GOOD["messages"] and skipped == {"no assistant turn": 1}
     datasets.DatasetDict({"train": datasets.Dataset.from_list(HF_ROWS[:1])}).save_to_disk(path + "_dict")
     assert len(read_rows([path + "_dict"])[0]) == 1
+
+
+def test_csv_messages_as_json_text(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    path = tmp_path / "train.csv"
+    path.write_text('messages\n"' + json.dumps(GOOD["messages"]).replace('"', '""') + '"\n"[{""role"": }]"\n')
+    with pytest.raises(
+        DataError, match=rf"^{path}:row 2: invalid JSON: messages: Expecting value \(col 11\)$"
+    ):
+        read_rows([str(path)])
+    rows, skipped = read_rows([str(path)], on_error="skip")
+    assert rows == [{**GOOD, "_source": f"{path}:row 1"}] and skipped == {"invalid JSON": 1}
+
+
+def test_directory_that_is_not_a_dataset(tmp_path):
+    pytest.importorskip("datasets")
+    with pytest.raises(DataError, match=rf"^{tmp_path}: not a save_to_disk directory"):
+        read_rows([str(tmp_path)])
 
 
 LONG_QUESTION = "how is the weather today ? how is the weather today ?"
@@ -164,6 +188,11 @@ def test_load_sft_data_end_to_end(tmp_path):
         "dropped_no_labels": 1, "tokens": 38, "label_tokens": 9,
     }  # fmt: skip
 
+    # rows already read (e.g. after an eval split): the same examples; reader skips are the caller's
+    rows, skipped = read_rows([path], on_error="skip")
+    from_rows = load_sft_data(rows, tok, cfg)
+    assert from_rows.examples == data.examples and from_rows.stats == {**data.stats, "skipped": {}}
+
     cfg.truncation = "drop"
     data = load_sft_data([path], tok, cfg)
     assert [e.source for e in data.examples] == [f"{path}:1"]
@@ -187,9 +216,12 @@ def test_load_sft_data_template_errors(tmp_path):
         load_sft_data([path], tok, data_cfg(template="jinja"))
     data = load_sft_data([path], tok, data_cfg(template="jinja", on_error="skip"))
     assert len(data.examples) == 1 and data.stats["skipped"] == {"chat template error": 1}
-    # user: hi; assistant: | hello!; -> the reply segment is "hello!;"
-    assert data.examples[0].input_ids == [0, 0, 14, 0, 0, 15, 27, 0]
+    # "user: hi;assistant: " | "hello!;" (words missing from VOCAB, and "!;" as one piece, are <unk>=0)
+    assert data.examples[0].input_ids == [0, 0, 14, 0, 7, 0, 15, 0]
+    assert data.examples[0].labels == [-100] * 6 + [15, 0]
 
     unstable = "{% for m in messages %}{{ m['content'] if loop.last else '.' }}{% endfor %}"
     with pytest.raises(DataError, match=rf"^{path}:1: chat template is not prefix-stable"):
-        load_sft_data([path], tiny_tokenizer(chat_template=unstable), data_cfg(template="jinja", on_error="skip"))
+        load_sft_data(
+            [path], tiny_tokenizer(chat_template=unstable), data_cfg(template="jinja", on_error="skip")
+        )

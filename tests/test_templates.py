@@ -34,13 +34,23 @@ def encode(template, tok, messages, loss_on="all_assistant", max_length=1000, tr
 
 def test_vocab_sanity(tok):
     assert ids("<s> <|BOT|> system hello , ?") == [1, 4, 5, 15, 26, 25]
-    assert tok("<|BOT|>human\nhello, you?<|EOT|>", add_special_tokens=False)["input_ids"] == [4, 6, 15, 26, 9, 25, 3]
+    assert tok("<|BOT|>human\nhello, you?<|EOT|>", add_special_tokens=False)["input_ids"] == [
+        4,
+        6,
+        15,
+        26,
+        9,
+        25,
+        3,
+    ]
 
 
 def test_step_segments(tok):
     segments = build_template("step", tok).segments(CONVERSATION)
     assert segments == [
-        Segment("<s><|BOT|>system\nyou are a helpful bot.<|EOT|><|BOT|>human\nhi<|EOT|><|BOT|>assistant\n", False),
+        Segment(
+            "<s><|BOT|>system\nyou are a helpful bot.<|EOT|><|BOT|>human\nhi<|EOT|><|BOT|>assistant\n", False
+        ),
         Segment("hello, how are you?<|EOT|>", True),
         Segment("<|BOT|>human\nhow is the weather?<|EOT|><|BOT|>assistant\n", False),
         Segment("sunny today.<|EOT|>", True),
@@ -48,7 +58,9 @@ def test_step_segments(tok):
 
 
 @pytest.mark.parametrize("name", ["step", "jinja"])
-@pytest.mark.parametrize(("loss_on", "labels"), [("all_assistant", EXPECTED_ALL), ("last_assistant", EXPECTED_LAST)])
+@pytest.mark.parametrize(
+    ("loss_on", "labels"), [("all_assistant", EXPECTED_ALL), ("last_assistant", EXPECTED_LAST)]
+)
 def test_exact_ids_and_labels(tok, name, loss_on, labels):
     enc = encode(build_template(name, tok), tok, CONVERSATION, loss_on=loss_on)
     assert enc.input_ids == EXPECTED_IDS
@@ -57,7 +69,9 @@ def test_exact_ids_and_labels(tok, name, loss_on, labels):
 
 def test_step_without_bos_and_default_system(tok):
     template = build_template("step", tok, bos=False, default_system="you are a bot.")
-    enc = encode(template, tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"}])
+    enc = encode(
+        template, tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"}]
+    )
     # <|BOT|> system you are a bot . <|EOT|> <|BOT|> human hi <|EOT|> <|BOT|> assistant | hello ! <|EOT|>
     assert enc.input_ids == [4, 5, 9, 10, 11, 13, 24, 3, 4, 6, 14, 3, 4, 7, 15, 27, 3]
     assert enc.labels == [M] * 14 + [15, 27, 3]
@@ -112,6 +126,17 @@ def test_jinja_not_prefix_stable_raises():
         template.segments(CONVERSATION)
 
 
+def test_step_requires_single_token_markers():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    plain = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "hi": 2}, unk_token="<unk>"))
+    plain.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=plain, bos_token="<s>", unk_token="<unk>")
+    with pytest.raises(DataError, match=r"^data.template=step but <\|BOT\|> is not a single token"):
+        build_template("step", tok)
+
+
 def test_jinja_requires_a_chat_template():
     with pytest.raises(DataError, match="no chat_template"):
         build_template("jinja", tiny_tokenizer(chat_template=None))
@@ -119,7 +144,10 @@ def test_jinja_requires_a_chat_template():
 
 # --- encode_segments: truncation -------------------------------------------------------------------
 
-SEGMENTS = [Segment("<s><|BOT|>human\nhi<|EOT|><|BOT|>assistant\n", False), Segment("hello, how are you?<|EOT|>", True)]
+SEGMENTS = [
+    Segment("<s><|BOT|>human\nhi<|EOT|><|BOT|>assistant\n", False),
+    Segment("hello, how are you?<|EOT|>", True),
+]
 # ids: 1 4 6 14 3 4 7 | 15 26 16 10 9 25 3  (14 tokens, 7 trained)
 
 

@@ -43,7 +43,9 @@ def plan_epoch(
     rng = np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, epoch])
     order = rng.permutation(len(lens)) if shuffle else np.arange(len(lens))
     if packing:
-        rows = _pack_sorted(order, lens, max_length, rng) if shuffle else _pack_in_order(order, lens, max_length)
+        rows = (
+            _pack_sorted(order, lens, max_length, rng) if shuffle else _pack_in_order(order, lens, max_length)
+        )
     elif group_by_length and shuffle:
         return _group_by_length(order, lens, batch_size, rng)
     else:
@@ -133,4 +135,9 @@ def collate(
             attention_mask[b, :pos] = 1
         else:
             position_ids[b, pos:] = torch.arange(width - pos)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention_mask}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "attention_mask": attention_mask,
+    }

@@ -19,22 +19,28 @@ class SFTData:
     stats: dict = field(default_factory=dict)
 
 
-def load_sft_data(files: list[str], tokenizer, data_cfg) -> SFTData:
+def load_sft_data(files: list[str] | list[dict], tokenizer, data_cfg) -> SFTData:
     """Read, render and tokenize `files` as configured by `data_cfg` (a DataConfig); logs nothing.
+
+    `files` may instead hold rows already returned by `read_rows` (e.g. what is left after holding out
+    an eval split); their reader-stage skips are then the caller's to count.
 
     A row the chat template cannot render is a bad row like any other (fatal, or skipped and counted
     under ``on_error=skip``), except a template that is not prefix-stable: that is a configuration
     problem, so it always stops.
     """
-    rows, skipped = read_rows(list(files), on_error=data_cfg.on_error)
-    skipped = Counter(skipped)
+    if files and isinstance(files[0], dict):
+        rows, skipped = list(files), Counter()
+    else:
+        rows, read_skipped = read_rows(list(files), on_error=data_cfg.on_error)
+        skipped = Counter(read_skipped)
     template = build_template(
         data_cfg.template, tokenizer, bos=data_cfg.step_bos, default_system=data_cfg.system
     )
     examples: list[Encoded] = []
     stats = Counter()
-    for row in rows:
-        source = row["_source"]
+    for n, row in enumerate(rows, 1):
+        source = row.get("_source", f"row {n}")
         try:
             segments = template.segments(row_messages(row), loss_on=data_cfg.loss_on)
         except DataError as e:
@@ -48,7 +54,9 @@ def load_sft_data(files: list[str], tokenizer, data_cfg) -> SFTData:
             input_ids, labels, max_length=data_cfg.max_length, truncation=data_cfg.truncation, source=source
         )
         if example is None:
-            stats["dropped_too_long" if too_long and data_cfg.truncation == "drop" else "dropped_no_labels"] += 1
+            stats[
+                "dropped_too_long" if too_long and data_cfg.truncation == "drop" else "dropped_no_labels"
+            ] += 1
             continue
         stats["truncated"] += too_long
         stats["tokens"] += len(example.input_ids)

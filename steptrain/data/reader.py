@@ -56,7 +56,9 @@ def validate_row(row: object) -> None:
         if role not in ROLES:
             raise DataError("unknown role", f"message {i} has role {role!r}; valid roles: {', '.join(ROLES)}")
         if not isinstance(message.get("content"), str):
-            raise DataError("content is not a string", f"message {i} ({role}) has {_type(message.get('content'))}")
+            raise DataError(
+                "content is not a string", f"message {i} ({role}) has {_type(message.get('content'))}"
+            )
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("no assistant turn")
     system = row.get("system")
@@ -91,7 +93,8 @@ def _iter_source(path: str) -> Iterator[tuple[str, dict | DataError]]:
     if ext in (".jsonl", ".json"):
         return _iter_jsonl(path)
     raise DataError(
-        "unsupported file type", "expected .jsonl, .json, .parquet, .csv, .arrow or a save_to_disk directory",
+        "unsupported file type",
+        "expected .jsonl, .json, .parquet, .csv, .arrow or a save_to_disk directory",
         location=path,
     )
 
@@ -129,7 +132,9 @@ def _iter_json_list(path: str) -> Iterator[tuple[str, dict | DataError]]:
             data = json.load(f)
         except json.JSONDecodeError as e:
             # The whole file is unreadable, so this cannot be skipped like a single row.
-            raise DataError("invalid JSON", f"{e.msg} (col {e.colno})", location=f"{path}:{e.lineno}") from None
+            raise DataError(
+                "invalid JSON", f"{e.msg} (col {e.colno})", location=f"{path}:{e.lineno}"
+            ) from None
     for i, row in enumerate(data, 1):
         yield f"{path}:row {i}", row
 

@@ -84,7 +84,9 @@ class JinjaTemplate(ChatTemplate):
     def __init__(self, tokenizer, default_system: str | None = None):
         super().__init__(default_system)
         if not getattr(tokenizer, "chat_template", None):
-            raise DataError("data.template=jinja but the tokenizer has no chat_template; use data.template=step")
+            raise DataError(
+                "data.template=jinja but the tokenizer has no chat_template; use data.template=step"
+            )
         self.tokenizer = tokenizer
 
     def _text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -93,7 +95,9 @@ class JinjaTemplate(ChatTemplate):
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as e:  # jinja2 errors, raise_exception() in the template, empty conversations
-            raise DataError("chat template error", str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+            raise DataError(
+                "chat template error", str(e).splitlines()[0] if str(e) else type(e).__name__
+            ) from e
 
     def _render(self, messages: list[dict], trained: set[int]) -> list[Segment]:
         out: list[Segment] = []
@@ -113,7 +117,10 @@ class JinjaTemplate(ChatTemplate):
         if messages[-1]["role"] != "assistant":
             rest = self._text(messages)
             if not rest.startswith(done):
-                raise DataError(NOT_PREFIX_STABLE, "messages after the last reply change earlier text; use data.template=step")
+                raise DataError(
+                    NOT_PREFIX_STABLE,
+                    "messages after the last reply change earlier text; use data.template=step",
+                )
             out.append(Segment(rest[len(done) :], False))
         return out
 
@@ -121,11 +128,21 @@ class JinjaTemplate(ChatTemplate):
         return self._text(self._with_system(messages), add_generation_prompt=True)
 
 
-def build_template(name: str, tokenizer, *, bos: bool = True, default_system: str | None = None) -> ChatTemplate:
+def build_template(
+    name: str, tokenizer, *, bos: bool = True, default_system: str | None = None
+) -> ChatTemplate:
     """`bos` only applies to "step": a jinja template decides about BOS itself."""
     if name == "step":
         if bos and tokenizer.bos_token is None:
             raise DataError("data.step_bos=true but the tokenizer has no bos_token")
+        # Split into pieces, the turn markers would train a different format and <|EOT|> could not stop
+        # generation; fail now rather than train on it.
+        for marker in (STEP_BOT, STEP_EOT):
+            if len(tokenizer(marker, add_special_tokens=False)["input_ids"]) != 1:
+                raise DataError(
+                    f"data.template=step but {marker} is not a single token of the tokenizer",
+                    "add it as a special token or use data.template=jinja",
+                )
         return StepTemplate(tokenizer.bos_token if bos else None, default_system)
     if name == "jinja":
         return JinjaTemplate(tokenizer, default_system)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from steptrain.data import collate, plan_epoch
+from steptrain.data import collate, plan_epoch, row_messages
 from steptrain.objectives import lm_loss_sum
 from steptrain.rollout import generate_greedy
 
@@ -17,7 +17,7 @@ def evaluate_loss(engine, examples, *, batch_size: int, max_length: int, pad_id:
     model.eval()
     plan = plan_epoch(
         [len(e.input_ids) for e in examples], batch_size=batch_size, max_length=max_length,
-        packing=False, group_by_length=True, shuffle=False, seed=0, epoch=0,
+        packing=False, group_by_length=True, shuffle=True, seed=0, epoch=0,  # order is irrelevant to a sum
     )
     if max_batches:
         plan = plan[:max_batches]
@@ -42,7 +42,7 @@ def exact_match(engine, tokenizer, template, rows: list[dict], *, max_new_tokens
     mine = rows[engine.rank :: engine.world_size]
     prompts, refs = [], []
     for row in mine:
-        messages = row["messages"]
+        messages = row_messages(row)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         prompts.append(template.generation_prompt(messages[:last]))
         refs.append(messages[last]["content"].strip())

@@ -113,7 +113,7 @@ def _train(cfg, engine) -> dict:
     train_rows, skipped = read_rows(list(cfg.data.train_files), on_error=cfg.data.on_error)
     train_rows, eval_rows = split_eval(cfg, train_rows)
     train = load_sft_data(train_rows, tokenizer, cfg.data)
-    train.stats["skipped"] = skipped
+    train.stats["skipped"] = {**skipped, **train.stats["skipped"]}
     evalset = load_sft_data(eval_rows, tokenizer, cfg.data) if eval_rows else None
     if engine.is_main:
         log.info("train data: %s", train.stats)
@@ -218,6 +218,7 @@ def _train(cfg, engine) -> dict:
                     f"no update was applied; last good checkpoint: {good[-1] if good else 'none'} "
                     "(lower optim.lr, check trainer.precision or the data)"
                 )
+            lr = float(cfg.optim.lr) * engine.lr_factor()  # the lr this step applies
             grad_norm = engine.step()
             state["step"] += 1
             state["cursor"] += per_step
@@ -228,7 +229,7 @@ def _train(cfg, engine) -> dict:
                 "epoch": state["epoch"],
                 "loss": loss,
                 "token_acc": totals[2].item() / max(n_global, 1.0),
-                "lr": float(cfg.optim.lr) * engine.lr_factor(),
+                "lr": lr,
                 "grad_norm": grad_norm,
                 "tokens": int(totals[3].item()),
                 "label_tokens": int(n_global),

@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny model + tokenizer + demo corpus made once per session, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """Demo corpus, tokenizer and tiny random model written by data_pipelines.make_demo."""
+    from data_pipelines.make_demo import make_demo
+
+    return {k: Path(v) for k, v in make_demo(tmp_path_factory.mktemp("assets"), seed=0).items()}
+
+
+def base_overrides(assets, out, *extra) -> list[str]:
+    """A small, fast SFT run on the demo assets."""
+    return [
+        f"model.path={assets['model']}",
+        f"data.train_files=[{assets['train']}]",
+        f"output_dir={out}",
+        "data.max_length=64",
+        "trainer.batch_size=4",
+        "trainer.max_steps=6",
+        "optim.lr=3e-3",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+        *extra,
+    ]
+
+
+def run_cli(args: list[str], *, launcher: list[str] | None = None, timeout: int = 600, check: bool = True):
+    """Run `python -m steptrain ...` (or under torchrun) in a fresh process, as a user would."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = (launcher or [sys.executable]) + ["-m", "steptrain", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
