@@ -23,7 +23,12 @@ STEP_SPECIAL_TOKENS: list[str] = ["<unk>", "<s>", "</s>", "<|EOT|>", "<|BOT|>"]
 UNK_ID, BOS_ID, EOS_TEXT_ID, EOT_ID, BOT_ID = 0, 1, 2, 3, 4
 
 # ms-swift / OpenAI role -> Step role name. Unknown roles are rendered unchanged.
-STEP_ROLE_MAP: dict[str, str] = {"user": "human", "assistant": "assistant", "system": "system", "tool": "input"}
+STEP_ROLE_MAP: dict[str, str] = {
+    "user": "human",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "input",
+}
 
 # Step chat template: [<s>] then "<|BOT|>{role}\n{content}<|EOT|>" per message; the generation prompt
 # is "<|BOT|>assistant\n". Pass add_bos=False to apply_chat_template to leave out the leading <s>.

@@ -43,14 +43,14 @@ class Engine(ABC):
     @abstractmethod
     def device(self) -> torch.device: ...
 
-    def barrier(self) -> None:
+    def barrier(self) -> None:  # noqa: B027 - a no-op is the right default for one process
         """Wait for every rank (no-op on one process)."""
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce ``tensor`` over ranks in place and return it (sum | max | min)."""
         return tensor
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027
         """Release process groups and other resources."""
 
     # --- training ---------------------------------------------------------------------------------

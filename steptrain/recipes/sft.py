@@ -138,6 +138,7 @@ def _train(cfg, engine) -> dict:
         log.info("parameters: %d trainable of %d (%.2f%%)", trainable, total, 100 * trainable / total)
     model, _, _ = engine.prepare(model, param_groups(model, cfg.optim), cfg.optim, steps)
     model.train()
+    seed_everything(cfg.trainer.seed + engine.rank)  # same init everywhere, independent dropout per rank
 
     state = {"step": 0, "epoch": 0, "cursor": 0, "tokens_seen": 0, "world_size": engine.world_size}
     ckpt = resolve_resume(cfg.resume, out)

@@ -1,0 +1,141 @@
+"""Helpers shared by the benchmarks: machine and version facts, peak matmul FLOP/s, Markdown tables."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (cgroup/affinity aware where the OS tells us)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD extensions that matter for fp32 matmul speed, as /proc/cpuinfo lists them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(f for f in flags if f in {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"})
+    except OSError:
+        pass
+    return []
+
+
+def memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def machine_info() -> dict:
+    return {
+        "cpu_model": cpu_model(),
+        "cores_usable": usable_cores(),
+        "cpu_count": os.cpu_count(),
+        "simd": cpu_flags(),
+        "memory_gib": memory_gib(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "load_avg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_revision() -> str | None:
+    """Short commit of the repository, with "+dirty" when the working tree has changes."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+        return rev + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def versions() -> dict:
+    import torch
+
+    return {
+        "steptrain": _version("steptrain"),
+        "steptrain_git": git_revision(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "trl": _version("trl"),
+        "accelerate": _version("accelerate"),
+        "datasets": _version("datasets"),
+        "tokenizers": _version("tokenizers"),
+        "mkldnn": bool(torch.backends.mkldnn.is_available()),
+    }
+
+
+def peak_matmul_flops(size: int = 2048, trials: int = 5, reps: int = 3, warmup: int = 2) -> dict:
+    """Best achieved fp32 FLOP/s of ``torch.matmul`` on [size, size] x [size, size] with all torch threads.
+
+    Each trial times ``reps`` back-to-back products; the best trial is the machine's "peak" for MFU. The
+    median is kept too, as a measure of how noisy (shared) the machine was while measuring.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen, dtype=torch.float32)
+    b = torch.randn(size, size, generator=gen, dtype=torch.float32)
+    out = torch.empty(size, size, dtype=torch.float32)
+    for _ in range(warmup):
+        torch.matmul(a, b, out=out)
+    flop = 2.0 * size**3 * reps
+    rates = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b, out=out)
+        rates.append(flop / (time.perf_counter() - t0))
+    rates.sort()
+    return {
+        "size": size,
+        "threads": torch.get_num_threads(),
+        "trials": trials,
+        "reps_per_trial": reps,
+        "best_flops": rates[-1],
+        "median_flops": rates[len(rates) // 2],
+    }
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def cell(v) -> str:
+        return v if isinstance(v, str) else f"{v}"
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

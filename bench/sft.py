@@ -1,0 +1,677 @@
+"""SFT throughput benchmark: steptrain vs TRL's SFTTrainer, with and without packing, on one CPU machine.
+
+    python bench/sft.py            # the full benchmark (make bench); several minutes on 2 cores
+    python bench/sft.py --quick    # a ~1 minute smoke run with tiny step counts
+
+Everything is built in a temporary directory in the same run: variable-length chat data (ms-swift JSONL,
+long-tailed lengths), a byte-level BPE tokenizer trained on it, and one randomly initialised "small-20m"
+Qwen2 saved with ``save_pretrained`` so that every contender starts from the same weights. The machine's
+peak fp32 matmul FLOP/s is measured before and after the contenders; MFU is taken against the best figure.
+
+Each contender trains in its own subprocess, one after the other, with torch using every usable core:
+
+    steptrain          data.packing=false (group_by_length, the default), padded to the longest row
+    steptrain-packed   data.packing=true  (best-fit-decreasing bins of max_length, block-diagonal attention)
+    trl                SFTTrainer packing=False, padded; TRL's default random sampler (--trl-sampler)
+    trl-packed         SFTTrainer packing=True, packing_strategy="bfd" (padding-free)
+
+Timing: the wall time between the end of the last warmup step and the end of the last step, where "end of a
+step" is the moment the optimizer step is done (steptrain: its metrics record is logged; TRL: on_step_end).
+Data loading, collation and logging between steps are therefore inside the timed window for both.
+Tokens are counted from the batches each framework actually feeds its model (non-pad tokens only).
+
+Results go to bench/results/sft.json and a Markdown table on stdout; --update-readme also rewrites the
+results block of bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, machine_info, markdown_table, peak_matmul_flops, usable_cores, versions
+
+RESULTS = ROOT / "bench" / "results" / "sft.json"
+README = ROOT / "bench" / "README.md"
+README_START, README_END = "<!-- sft-results:start -->", "<!-- sft-results:end -->"
+
+PRESET = "small-20m"
+VOCAB_SIZE = 8000
+
+FULL = {"rows": 3000, "max_length": 512, "tokens_per_step": 2048, "steps": 20, "warmup": 3, "matmul_size": 2048}
+QUICK = {"rows": 300, "max_length": 128, "tokens_per_step": 256, "steps": 2, "warmup": 1, "matmul_size": 1024}
+
+CONTENDERS: dict[str, dict] = {
+    "steptrain": {"framework": "steptrain", "packing": False, "label": "steptrain, padded (group_by_length)"},
+    "steptrain-packed": {"framework": "steptrain", "packing": True, "label": "steptrain, packed"},
+    "trl": {"framework": "trl", "packing": False, "label": "TRL SFTTrainer, padded"},
+    "trl-packed": {"framework": "trl", "packing": True, "label": "TRL SFTTrainer, packed (bfd, padding-free)"},
+}
+
+# The Step chat template of data_pipelines.demo_tokenizer, rendered identically, with the assistant reply and
+# its end-of-turn token inside {% generation %} markers: TRL's assistant_only_loss then trains on exactly the
+# tokens steptrain's data.loss_on=all_assistant trains on (checked token by token in prepare()).
+TRL_CHAT_TEMPLATE = (
+    "{%- set role_map = {'user': 'human', 'assistant': 'assistant', 'system': 'system', 'tool': 'input'} -%}"
+    "{%- if add_bos is not defined or add_bos -%}{{- bos_token -}}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|BOT|>assistant\\n' -}}"
+    "{%- generation -%}{{- message['content'] + '<|EOT|>' -}}{%- endgeneration -%}"
+    "{%- else -%}"
+    "{{- '<|BOT|>' + role_map.get(message['role'], message['role']) + '\\n' + message['content'] + '<|EOT|>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|BOT|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def _repo_on_path() -> None:
+    """`python bench/sft.py` puts bench/ on sys.path; the repository root holds data_pipelines."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+
+
+# --- data ------------------------------------------------------------------------------------------------
+
+
+def _lexicon(rng: random.Random, size: int) -> list[str]:
+    onsets = [*"bcdfghjklmnprstvwz", "ch", "sh", "th", "st", "tr", "pl", "br", "kr"]
+    vowels = [*"aeiou", "ai", "ou", "ea", "io"]
+    codas = ["", "", "", "n", "r", "s", "l", "m", "t", "nd", "st"]
+    words: set[str] = set()
+    while len(words) < size:
+        n = rng.choices([1, 2, 3, 4], weights=[3, 5, 3, 1])[0]
+        words.add("".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(n)))
+    return sorted(words)
+
+
+class _Writer:
+    """Zipf-distributed pseudo-words in sentences, written to a budget of tokens once their costs are known.
+
+    Without ``costs`` every word counts as one token (the first pass, which only feeds tokenizer training);
+    with ``costs`` (tokens of " word" under the trained tokenizer) a budget is met to within one word.
+    """
+
+    def __init__(self, seed: int, rng: random.Random | None = None, costs: dict[str, int] | None = None):
+        self.rng = rng or random.Random(seed)
+        self.words = _lexicon(random.Random(seed), 6000)  # the lexicon and its ranks depend on seed alone
+        random.Random(seed + 1).shuffle(self.words)
+        weights = [1.0 / (rank + 1) ** 1.05 for rank in range(len(self.words))]
+        total, acc = sum(weights), 0.0
+        self.cum = []
+        for w in weights:
+            acc += w / total
+            self.cum.append(acc)
+        self.costs = costs
+
+    def text(self, budget: int) -> str:
+        rng, out, used = self.rng, [], 0
+        left = rng.randint(4, 14)  # words to the end of the sentence
+        while not out or used < budget:
+            w = rng.choices(self.words, cum_weights=self.cum)[0]
+            used += self.costs[w] if self.costs else 1
+            left -= 1
+            if left == 0:
+                w += "." if rng.random() < 0.8 else ","
+                used += 1
+                left = rng.randint(4, 14)
+            out.append(w)
+        if out[-1][-1] not in ".,":
+            out[-1] += "."
+        return " ".join(out).rstrip(",")
+
+
+def make_rows(n: int, max_length: int, seed: int, costs: dict[str, int] | None = None) -> list[dict]:
+    """ms-swift rows whose token lengths follow a clipped log-normal (median max_length/5, long right tail)."""
+    rng = random.Random(f"{seed}:{'tokens' if costs else 'words'}")  # the two passes draw different rows
+    writer = _Writer(seed, rng, costs)
+    rows = []
+    for _ in range(n):
+        budget = int(min(max(rng.lognormvariate(math.log(max_length / 5), 0.8), 16), max_length - 8))
+        turns = 2 if budget >= 96 and rng.random() < 0.15 else 1
+        messages = []
+        for _ in range(turns):
+            per_turn = max(4, budget // turns - 8)  # ~8 tokens of headers and end-of-turn markers per exchange
+            n_user = max(2, int(per_turn * rng.uniform(0.15, 0.6)))
+            messages += [
+                {"role": "user", "content": writer.text(n_user)},
+                {"role": "assistant", "content": writer.text(max(2, per_turn - n_user))},
+            ]
+        rows.append({"messages": messages})
+    return rows
+
+
+def word_costs(tokenizer, seed: int) -> dict[str, int]:
+    words = _Writer(seed).words
+    ids = tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"]
+    return {w: len(i) for w, i in zip(words, ids, strict=True)}
+
+
+def _encode(template, tokenizer, messages):
+    from steptrain.data.encode import tokenize_segments
+
+    return tokenize_segments(template.segments(messages, loss_on="all_assistant"), tokenizer)
+
+
+def fit_rows(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], list[list[int]], list[list[int]]]:
+    """Encode the rows (steptrain's Step template); shorten the last reply of the rare row over max_length and
+    drop a row that cannot be shortened, so that no contender ever truncates (they truncate differently)."""
+    from steptrain.data import build_template
+
+    template = build_template("step", tokenizer, bos=True)
+    out_rows, ids_all, labels_all = [], [], []
+    for row in rows:
+        ids, labels = _encode(template, tokenizer, row["messages"])
+        for _ in range(8):
+            if len(ids) <= max_length:
+                break
+            reply = row["messages"][-1]["content"].split(" ")
+            keep = max(1, len(reply) - (len(ids) - max_length) - 1)  # every word is at least one token
+            row["messages"][-1]["content"] = " ".join(reply[:keep]).rstrip(".,") + "."
+            ids, labels = _encode(template, tokenizer, row["messages"])
+        if len(ids) > max_length:
+            continue
+        out_rows.append(row)
+        ids_all.append(ids)
+        labels_all.append([-100, *labels[1:]])  # steptrain never trains the first token of an example
+    return out_rows, ids_all, labels_all
+
+
+def trl_tokenization_mismatches(rows, tokenizer, ids_all, labels_all) -> int:
+    """Rows where TRL's apply_chat_template(+assistant mask) differs from steptrain's input ids or loss mask."""
+    bad = 0
+    for row, ids, labels in zip(rows, ids_all, labels_all, strict=True):
+        out = tokenizer.apply_chat_template(
+            row["messages"], chat_template=TRL_CHAT_TEMPLATE, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        trained = [bool(m) for m in out["assistant_masks"]]
+        trained[0] = False
+        if list(out["input_ids"]) != ids or trained != [label != -100 for label in labels]:
+            bad += 1
+    return bad
+
+
+def _quantiles(xs: list[int]) -> dict:
+    s = sorted(xs)
+    q = lambda p: s[min(len(s) - 1, int(p * len(s)))]  # noqa: E731
+    return {"min": s[0], "p10": q(0.1), "p50": q(0.5), "mean": round(statistics.fmean(s), 1), "p90": q(0.9),
+            "p99": q(0.99), "max": s[-1]}
+
+
+def prepare(work: Path, rows_n: int, max_length: int, seed: int) -> dict:
+    """Data file, tokenizer + model directory, and the facts about them that the summary needs."""
+    _repo_on_path()
+    import torch
+
+    from data_pipelines.demo_tokenizer import train_demo_tokenizer
+    from steptrain.data import plan_epoch
+    from steptrain.models.presets import build_preset
+
+    t0 = time.perf_counter()
+    # Pass 1 (word budgets) only trains the tokenizer; pass 2 writes the rows to token budgets.
+    texts = [m["content"] for r in make_rows(rows_n, max_length, seed) for m in r["messages"]]
+    model_dir = work / "model"
+    tokenizer = train_demo_tokenizer(texts, model_dir, vocab_size=VOCAB_SIZE)
+    rows = make_rows(rows_n, max_length, seed, costs=word_costs(tokenizer, seed))
+    tokenizer.model_max_length = max(2048, max_length)  # rows are cut to max_length before training
+    tokenizer.save_pretrained(str(model_dir))
+    rows, ids_all, labels_all = fit_rows(rows, tokenizer, max_length)
+    data_file = work / "train.jsonl"
+    with data_file.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    mismatches = trl_tokenization_mismatches(rows, tokenizer, ids_all, labels_all)
+
+    torch.manual_seed(seed)
+    model = build_preset(PRESET, tokenizer)
+    model.save_pretrained(str(model_dir))
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_params = sum(p.numel() for p in model.parameters())
+    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+    lengths = [len(ids) for ids in ids_all]
+    n_bins = len(plan_epoch(lengths, batch_size=1, max_length=max_length, packing=True, group_by_length=False,
+                            shuffle=True, seed=seed, epoch=0))
+    return {
+        "data_file": str(data_file),
+        "model_dir": str(model_dir),
+        "prepare_s": round(time.perf_counter() - t0, 1),
+        "data": {
+            "rows": len(rows),
+            "rows_generated": rows_n,
+            "multi_turn_rows": sum(len(r["messages"]) > 2 for r in rows),
+            "tokens": sum(lengths),
+            "label_tokens": sum(sum(label != -100 for label in labels) for labels in labels_all),
+            "length_tokens": _quantiles(lengths),
+            "pack_fill": sum(lengths) / (n_bins * max_length),  # steptrain's bins, epoch 0
+            "trl_tokenization_mismatches": mismatches,
+        },
+        "model": {
+            "preset": PRESET,
+            "vocab_size": len(tokenizer),
+            "n_params": n_params,
+            "n_matmul_params": n_matmul,
+            "n_layers": cfg.num_hidden_layers,
+            "d_attn": cfg.num_attention_heads * head_dim,
+            "hidden_size": cfg.hidden_size,
+            "attn_implementation": "sdpa",
+            "dtype": "float32",
+        },
+    }
+
+
+# --- workers (one subprocess per contender) ---------------------------------------------------------------
+
+
+class _Counts:
+    """What one optimizer step fed the model: real tokens, tensor slots, label tokens, examples, sum of L^2."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.tokens = self.slots = self.label_tokens = self.examples = self.sum_sq_len = 0
+
+    def add(self, lengths: list[int], slots: int, label_tokens: int):
+        self.tokens += sum(lengths)
+        self.sum_sq_len += sum(n * n for n in lengths)
+        self.examples += len(lengths)
+        self.slots += slots
+        self.label_tokens += label_tokens
+
+    def pop(self) -> dict:
+        out = {k: getattr(self, k) for k in ("tokens", "slots", "label_tokens", "examples", "sum_sq_len")}
+        self.reset()
+        return out
+
+
+def _worker_steptrain(spec: dict) -> dict:
+    import logging
+
+    import torch
+
+    import steptrain.recipes.sft as sft
+    from steptrain.config import load_config
+
+    overrides = [
+        f"model.path={spec['model_dir']}",
+        f"data.train_files=[{spec['data_file']}]",
+        f"output_dir={spec['out_dir']}",
+        f"trainer.max_steps={spec['max_steps']}",
+        f"trainer.batch_size={spec['batch_size']}",
+        "trainer.grad_accum=1",
+        f"trainer.seed={spec['seed']}",
+        "trainer.precision=fp32",
+        f"data.packing={'true' if spec['packing'] else 'false'}",
+        f"data.max_length={spec['max_length']}",
+        f"optim.lr={spec['lr']}",
+        "engine.device=cpu",
+        "resume=none",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+        "logging.wandb=disabled",
+    ]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(overrides)
+    counts, steps = _Counts(), []
+    collate, log = sft.collate, sft.MetricsLogger.log
+
+    def counting_collate(rows, examples, **kwargs):
+        batch = collate(rows, examples, **kwargs)
+        counts.add([len(examples[i].input_ids) for row in rows for i in row], batch["input_ids"].numel(),
+                   int((batch["labels"][:, 1:] != -100).sum()))
+        return batch
+
+    def timed_log(self, record):
+        if "loss" in record:  # a train step's record (evaluations log "eval/..." keys)
+            steps.append({"t_end": time.perf_counter(), **counts.pop(), "loss": record["loss"],
+                          "own_step_time": record.get("step_time"), "own_tokens": record.get("tokens")})
+        return log(self, record)
+
+    sft.collate = counting_collate
+    sft.MetricsLogger.log = timed_log
+    sft.run(cfg)
+    return {"steps": steps, "threads": torch.get_num_threads(), "options": overrides,
+            "optimizer": "torch.optim.AdamW (steptrain engine default)"}
+
+
+def _worker_trl(spec: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    with open(spec["data_file"]) as f:
+        dataset = Dataset.from_list([{"messages": json.loads(line)["messages"]} for line in f if line.strip()])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    tokenizer.chat_template = TRL_CHAT_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
+    options = {
+        "max_steps": spec["max_steps"],
+        "per_device_train_batch_size": spec["batch_size"],
+        "gradient_accumulation_steps": 1,
+        "learning_rate": spec["lr"],
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "bf16": False,
+        "fp16": False,
+        "activation_checkpointing": False,  # TRL defaults gradient checkpointing on
+        "use_cpu": True,
+        "seed": spec["seed"],
+        "max_length": spec["max_length"],
+        "packing": spec["packing"],
+        "packing_strategy": "bfd",
+        "assistant_only_loss": True,
+        "train_sampling_strategy": "random" if spec["packing"] else spec["trl_sampler"],
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": False,
+    }
+    args = SFTConfig(output_dir=spec["out_dir"], **options)
+    counts, steps, losses = _Counts(), [], {}
+
+    class CountingSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                ids = inputs["input_ids"]
+                if "attention_mask" in inputs:
+                    lengths = inputs["attention_mask"].sum(dim=1).tolist()
+                else:  # padding-free: one flattened row, every example restarts its position ids at 0
+                    starts = (inputs["position_ids"][0] == 0).nonzero().flatten().tolist() + [ids.shape[1]]
+                    lengths = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
+                counts.add(lengths, ids.numel(), int((inputs["labels"][:, 1:] != -100).sum()))
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append({"t_end": time.perf_counter(), **counts.pop()})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses[state.global_step] = logs["loss"]
+
+    trainer = CountingSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                 callbacks=[StepTimer()])
+    prepared = trainer.train_dataset
+    trainer.train()
+    for i, step in enumerate(steps, 1):
+        step["loss"] = losses.get(i)
+    return {
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+        "options": {**options, "attn_implementation": "sdpa", "chat_template": "Step format + {% generation %}"},
+        "optimizer": f"{getattr(args.optim, 'value', args.optim)} (transformers default)",
+        "padding_free": bool(trainer.padding_free),
+        "activation_checkpointing": bool(getattr(trainer.model, "is_activation_checkpointing", False)),
+        "prepared_rows": len(prepared),
+    }
+
+
+def run_worker(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    _repo_on_path()
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    result = (_worker_steptrain if spec["framework"] == "steptrain" else _worker_trl)(spec)
+    result["worker_s"] = time.perf_counter() - t0
+    Path(spec["result_path"]).write_text(json.dumps(result))
+
+
+# --- driver -----------------------------------------------------------------------------------------------
+
+
+def summarize(name: str, result: dict, warmup: int, model: dict, peak: float) -> dict:
+    steps = result["steps"]
+    if len(steps) <= warmup:
+        raise RuntimeError(f"{name}: only {len(steps)} steps recorded, warmup is {warmup}")
+    timed = steps[warmup:]
+    seconds = timed[-1]["t_end"] - steps[warmup - 1]["t_end"]
+    total = {k: sum(s[k] for s in timed) for k in ("tokens", "slots", "label_tokens", "examples", "sum_sq_len")}
+    # Model FLOPs: 6 per parameter per token for the matmul weights (forward 2 + backward 4; the embedding
+    # lookup is not a matmul), plus attention scores and values, 12 * layers * d_attn * L^2 per example of L
+    # tokens (PaLM's convention: the full L x L, i.e. causal masking not discounted). Padding is not counted.
+    flops = 6 * model["n_matmul_params"] * total["tokens"] + 12 * model["n_layers"] * model["d_attn"] * total["sum_sq_len"]
+    tokens_per_s = total["tokens"] / seconds
+    losses = [s.get("loss") for s in steps]
+    return {
+        "name": name,
+        **CONTENDERS[name],
+        "batch_size": result["batch_size"],
+        "steps_timed": len(timed),
+        "seconds_timed": seconds,
+        "step_time_s": seconds / len(timed),
+        "tokens_per_s": tokens_per_s,
+        "label_tokens_per_s": total["label_tokens"] / seconds,
+        "tokens_per_step": total["tokens"] / len(timed),
+        "examples_per_step": total["examples"] / len(timed),
+        "padding_fraction": 1 - total["tokens"] / total["slots"],
+        "model_flops_per_s": flops / seconds,
+        "mfu": flops / seconds / peak,
+        "mfu_6n_all_params": 6 * model["n_params"] * tokens_per_s / peak,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "threads": result["threads"],
+        "optimizer": result["optimizer"],
+        "options": result["options"],
+        "worker_wall_s": result["wall_s"],
+        **{k: result[k] for k in ("padding_free", "activation_checkpointing", "prepared_rows") if k in result},
+    }
+
+
+def run_contender(name: str, spec: dict, work: Path) -> dict:
+    spec_path = work / f"{name}.spec.json"
+    spec = {**spec, **CONTENDERS[name], "out_dir": str(work / f"run-{name}"),
+            "result_path": str(work / f"{name}.result.json")}
+    spec_path.write_text(json.dumps(spec))
+    log_path = work / f"{name}.log"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    t0 = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
+    result = json.loads(Path(spec["result_path"]).read_text())
+    result["wall_s"] = wall
+    result["batch_size"] = spec["batch_size"]
+    return result
+
+
+def batch_sizes(tokens_per_step: int, max_length: int, data: dict) -> dict[bool, int]:
+    """Rows per step so that packed and padded runs see about the same real tokens per optimizer step."""
+    packed = max(1, round(tokens_per_step / max_length))
+    real_per_step = packed * max_length * data["pack_fill"]
+    return {True: packed, False: max(1, round(real_per_step / data["length_tokens"]["mean"]))}
+
+
+def _fmt(x: float, digits: int = 0) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def tables(res: dict) -> str:
+    rows = []
+    for c in res["contenders"]:
+        rows.append([
+            c["label"], c["batch_size"], _fmt(c["tokens_per_step"]), f"{100 * c['padding_fraction']:.1f}%",
+            _fmt(c["step_time_s"], 2), _fmt(c["tokens_per_s"]), f"{100 * c['mfu']:.1f}%",
+            f"{c['loss_first']:.3f} → {c['loss_last']:.3f}" if c["loss_first"] is not None else "n/a",
+        ])
+    out = [markdown_table(["contender", "rows/step", "real tokens/step", "padding", "step time (s)", "tokens/s",
+                           "MFU", "loss first → last"], rows)]
+    if res["ratios"]:
+        out.append("")
+        out.append(markdown_table(["ratio", "tokens/s"], [[k, f"{v:.2f}x"] for k, v in res["ratios"].items()]))
+    return "\n".join(out)
+
+
+def ratios(by_name: dict) -> dict:
+    pairs = [
+        ("steptrain / TRL, padded", "steptrain", "trl"),
+        ("steptrain / TRL, packed", "steptrain-packed", "trl-packed"),
+        ("steptrain packed / padded", "steptrain-packed", "steptrain"),
+        ("TRL packed / padded", "trl-packed", "trl"),
+    ]
+    return {label: by_name[a]["tokens_per_s"] / by_name[b]["tokens_per_s"]
+            for label, a, b in pairs if a in by_name and b in by_name}
+
+
+def readme_block(res: dict) -> str:
+    m, v, s, pk = res["machine"], res["versions"], res["settings"], res["peak_matmul"]
+    kind = ("**Smoke run (`--quick`): tiny step counts on a shared machine, not a measurement; to be replaced by "
+            "a full run.**" if s["quick"] else "Full run.")
+    lines = [
+        kind,
+        "",
+        f"Machine: {m['cpu_model']}, {m['cores_usable']} usable cores ({', '.join(m['simd']) or 'no SIMD flags'}), "
+        f"{m['memory_gib']} GiB; load average at start {', '.join(f'{x:.2f}' for x in m['load_avg_at_start'] or [])}.",
+        f"Versions: steptrain {v['steptrain']} ({v['steptrain_git']}), torch {v['torch']}, transformers "
+        f"{v['transformers']}, trl {v['trl']}, accelerate {v['accelerate']}, datasets {v['datasets']}.",
+        f"Peak fp32 matmul ({pk['size']}x{pk['size']}, {pk['threads']} threads): {pk['before'] / 1e9:.1f} GFLOP/s "
+        f"before the contenders, {pk['after'] / 1e9:.1f} after; MFU uses the better one.",
+        f"Settings: {res['data']['rows']} rows, max_length {s['max_length']}, ~{s['tokens_per_step']} tokens/step, "
+        f"{s['warmup']} warmup + {s['steps']} timed steps, model {res['model']['n_params'] / 1e6:.2f}M params "
+        f"(vocab {res['model']['vocab_size']}).",
+        "",
+        tables(res),
+    ]
+    return "\n".join(lines)
+
+
+def update_readme(res: dict) -> None:
+    text = README.read_text()
+    if README_START not in text or README_END not in text:
+        print(f"warning: {README} has no {README_START} ... {README_END} block; not updated", file=sys.stderr)
+        return
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    README.write_text(f"{head}{README_START}\n{readme_block(res)}\n{README_END}{tail}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="~1 minute smoke run: " + json.dumps(QUICK))
+    p.add_argument("--steps", type=int, help=f"timed optimizer steps per contender (default {FULL['steps']})")
+    p.add_argument("--warmup", type=int, help=f"untimed steps before them, >= 1 (default {FULL['warmup']})")
+    p.add_argument("--max-length", type=int, help=f"max tokens per row / packed bin (default {FULL['max_length']})")
+    p.add_argument("--rows", type=int, help=f"conversations generated (default {FULL['rows']})")
+    p.add_argument("--tokens-per-step", type=int,
+                   help=f"target real tokens per optimizer step (default {FULL['tokens_per_step']})")
+    p.add_argument("--matmul-size", type=int, help=f"square matmul for peak FLOP/s (default {FULL['matmul_size']})")
+    p.add_argument("--only", help="comma-separated subset of: " + ", ".join(CONTENDERS))
+    p.add_argument("--trl-sampler", default="random", choices=["random", "group_by_length"],
+                   help="TRL's train_sampling_strategy without packing (default: TRL's default, random); "
+                        "see bench/README.md before using group_by_length")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS.relative_to(ROOT)})")
+    p.add_argument("--work-dir", type=Path, help="keep data, model and logs here (default: a deleted temp dir)")
+    p.add_argument("--update-readme", action="store_true", help="rewrite the results block of bench/README.md")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    for key, default in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be >= 1 (the timed window starts at the end of the last warmup step)")
+    names = args.only.split(",") if args.only else list(CONTENDERS)
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        p.error(f"unknown contender(s) {unknown}; valid: {', '.join(CONTENDERS)}")
+    args.contenders = names
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(args.worker)
+        return 0
+    import torch
+
+    threads = usable_cores()
+    torch.set_num_threads(threads)
+    t_start = time.perf_counter()
+    res = {"settings": {"quick": args.quick, **{k: getattr(args, k) for k in
+                                                ("steps", "warmup", "max_length", "rows", "tokens_per_step",
+                                                 "matmul_size", "trl_sampler", "lr", "seed")},
+                        "threads": threads, "contenders": args.contenders},
+           "machine": machine_info(), "versions": versions()}
+    print(f"machine: {res['machine']['cpu_model']}, {threads} cores; torch {torch.__version__}", flush=True)
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="steptrain-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    failures = []
+    try:
+        assets = prepare(work, args.rows, args.max_length, args.seed)
+        res["data"], res["model"] = assets["data"], assets["model"]
+        print(f"data: {assets['data']['rows']} rows, lengths {assets['data']['length_tokens']}, "
+              f"TRL tokenization mismatches {assets['data']['trl_tokenization_mismatches']}; model "
+              f"{assets['model']['n_params']:,} params; prepared in {assets['prepare_s']}s", flush=True)
+        sizes = batch_sizes(args.tokens_per_step, args.max_length, assets["data"])
+        peaks = [peak_matmul_flops(args.matmul_size, trials=3 if args.quick else 5)]
+        print(f"peak fp32 matmul: {peaks[0]['best_flops'] / 1e9:.1f} GFLOP/s", flush=True)
+
+        spec = {"model_dir": assets["model_dir"], "data_file": assets["data_file"], "max_length": args.max_length,
+                "max_steps": args.warmup + args.steps, "lr": args.lr, "seed": args.seed, "threads": threads,
+                "trl_sampler": args.trl_sampler}
+        results = {}
+        for name in args.contenders:
+            bs = sizes[CONTENDERS[name]["packing"]]
+            print(f"running {name} (batch_size {bs}) ...", flush=True)
+            try:
+                results[name] = run_contender(name, {**spec, "batch_size": bs}, work)
+                print(f"  done in {results[name]['wall_s']:.0f}s", flush=True)
+            except RuntimeError as e:
+                failures.append(str(e))
+                print(e, file=sys.stderr, flush=True)
+        peaks.append(peak_matmul_flops(args.matmul_size, trials=3 if args.quick else 5))
+        best = max(peaks, key=lambda p: p["best_flops"])
+        res["peak_matmul"] = {**best, "before": peaks[0]["best_flops"], "after": peaks[1]["best_flops"]}
+        summaries = [summarize(n, r, args.warmup, res["model"], best["best_flops"]) for n, r in results.items()]
+        res["contenders"] = summaries
+        res["ratios"] = ratios({c["name"]: c for c in summaries})
+        res["failures"] = failures
+        res["total_wall_s"] = time.perf_counter() - t_start
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print()
+    print(readme_block(res))
+    print(f"\nresults: {args.out}  (total {res['total_wall_s']:.0f}s)")
+    if args.update_readme:
+        update_readme(res)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
