@@ -1,7 +1,7 @@
 """SFT throughput benchmark: steptrain vs TRL's SFTTrainer, with and without packing, on one CPU machine.
 
-    python bench/sft.py            # the full benchmark (make bench); several minutes on 2 cores
-    python bench/sft.py --quick    # a ~1 minute smoke run with tiny step counts
+    python bench/sft.py            # the full benchmark (make bench); roughly 10-15 minutes on 2 quiet cores
+    python bench/sft.py --quick    # smoke run with tiny step counts: 1-2 minutes, mostly process start-up
 
 Everything is built in a temporary directory in the same run: variable-length chat data (ms-swift JSONL,
 long-tailed lengths), a byte-level BPE tokenizer trained on it, and one randomly initialised "small-20m"
@@ -575,7 +575,7 @@ def update_readme(res: dict) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="~1 minute smoke run: " + json.dumps(QUICK))
+    p.add_argument("--quick", action="store_true", help="smoke run (1-2 minutes): " + json.dumps(QUICK))
     p.add_argument("--steps", type=int, help=f"timed optimizer steps per contender (default {FULL['steps']})")
     p.add_argument("--warmup", type=int, help=f"untimed steps before them, >= 1 (default {FULL['warmup']})")
     p.add_argument("--max-length", type=int, help=f"max tokens per row / packed bin (default {FULL['max_length']})")

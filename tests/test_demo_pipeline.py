@@ -133,6 +133,10 @@ def test_chat_template_renders_step_format(tokenizer):
     assert no_bos == "<|BOT|>human\nreverse: 3 9 1 7<|EOT|>"
     tool = tokenizer.apply_chat_template([{"role": "tool", "content": "42"}], tokenize=False)
     assert tool == "<s><|BOT|>input\n42<|EOT|>"
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "copy: 1"}, {"type": "text", "text": " 2"}]}
+    ]
+    assert tokenizer.apply_chat_template(parts, tokenize=False) == "<s><|BOT|>human\ncopy: 1 2<|EOT|>"
     # tokenising the rendered text gives the special ids in place
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert ids[:2] == [1, 4] and ids[-3] == 4 and tokenizer.decode(ids) == prompt

@@ -48,6 +48,10 @@ def load_model(model_cfg, tokenizer) -> tuple[PreTrainedModel, list[int]]:
         new_ids = list(range(old_vocab, len(tokenizer)))
         log.info("resized embeddings %d -> %d for added tokens", old_vocab, len(tokenizer))
     if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
     return model, new_ids

@@ -30,8 +30,11 @@ def lora_config(peft_cfg, new_token_ids: list[int]) -> LoraConfig:
 
 
 def apply_lora(model: PreTrainedModel, peft_cfg, new_token_ids: list[int]):
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
     model = get_peft_model(model, lora_config(peft_cfg, new_token_ids))
-    if getattr(model, "is_gradient_checkpointing", False):
+    if checkpointing:
         model.enable_input_require_grads()
     return model
 

@@ -3,8 +3,8 @@
 Presets are plain dicts of Qwen2Config fields (``rope_theta`` is turned into ``rope_parameters``).
 Parameter counts (embeddings and the untied lm_head included):
 
-- ``tiny``: hidden 128, FFN 384, 2 layers, 4 heads, 2 KV heads -> 394,880 + 256 * V parameters
-  (V = vocab size; 471,936 at the demo tokenizer's V = 301, 2,442,880 at V = 8000).
+- ``tiny``: hidden 128, FFN 384, 2 layers, 4 heads, 2 KV heads -> 394,368 + 256 * V parameters
+  (V = vocab size; 483,712 at the demo tokenizer's V = 349, 2,442,368 at V = 8000).
 - ``small-20m``: hidden 384, FFN 1664, 6 layers, 6 heads, 2 KV heads -> 13,869,696 + 768 * V
   parameters, i.e. 20,013,696 at V = 8000.
 
