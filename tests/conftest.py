@@ -17,19 +17,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> dict[str, Path]:
-    """A small demo corpus, its tokenizer and a tiny random model in HF format (made once per session)."""
-    import torch
+    """A small demo bundle (corpus, tokenizer, tiny random model) from data_pipelines.make_demo."""
+    from data_pipelines.make_demo import make_demo
 
-    from data_pipelines.demo_corpus import iter_tokenizer_texts, read_jsonl, write_demo_corpus
-    from data_pipelines.demo_tokenizer import train_demo_tokenizer
-    from steptrain.models.presets import build_preset
-
-    root = tmp_path_factory.mktemp("assets")
-    paths = write_demo_corpus(root / "data", n_train=2000, n_eval=64, seed=0)
-    tok = train_demo_tokenizer(iter_tokenizer_texts(read_jsonl(paths["train"])), root / "model")
-    torch.manual_seed(0)
-    build_preset("tiny", tok).save_pretrained(root / "model")
-    return {"train": paths["train"], "eval": paths["eval"], "model": root / "model"}
+    paths = make_demo(tmp_path_factory.mktemp("assets"), seed=0, n_train=2000, n_eval=64)
+    return {k: Path(v) for k, v in paths.items()}
 
 
 def base_overrides(assets, out, *extra) -> list[str]:

@@ -106,3 +106,18 @@ def test_loss_falls_with_full_finetuning(assets, tmp_path):
     assert main(["train", *base_overrides(assets, out, "trainer.max_steps=30", "trainer.batch_size=8")]) == 0
     losses = train_losses(out)
     assert sum(list(losses.values())[-5:]) / 5 < 0.6 * sum(list(losses.values())[:5]) / 5
+
+
+def test_epochs_mode_and_wandb_offline(assets, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    rows = [ln for ln in assets["train"].read_text().splitlines()][:40]
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    args = base_overrides(assets, out, "trainer.max_steps=0", "trainer.epochs=2", "trainer.batch_size=8",
+                          "logging.wandb=offline")
+    args[1] = f"data.train_files=[{small}]"
+    assert main(["train", *args]) == 0
+    train = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["epoch"] for r in train] == [0] * 5 + [1] * 5  # 40 rows / 8 per step, two passes
+    assert list((out / "wandb").glob("offline-run-*")), "W&B should log offline into output_dir"

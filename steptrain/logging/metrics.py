@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -105,7 +106,5 @@ def _wandb_id(output_dir: Path) -> str:
     """A stable run id per output_dir, so a resumed run continues the same W&B run."""
     path = output_dir / ".wandb_id"
     if not path.exists():
-        import wandb
-
-        path.write_text(wandb.util.generate_id())
+        path.write_text(uuid.uuid4().hex[:12])
     return path.read_text().strip()
