@@ -53,7 +53,9 @@ def cmd_train(args) -> int:
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"checkpoint: {result['checkpoint']}")
         if result["eval"]:
-            print("eval: " + " ".join(f"{k}={v:.4f}" for k, v in result["eval"].items()))
+            from steptrain.logging import format_metrics
+
+            print("eval: " + format_metrics(result["eval"]))
     return 0
 
 

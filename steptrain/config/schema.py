@@ -98,8 +98,8 @@ class TrainerConfig:
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 1  # console/progress update cadence; metrics.jsonl gets every step
-    progress_bar: bool = True
+    log_every: int = 10  # console/progress-bar cadence in steps; metrics.jsonl gets every step
+    progress_bar: bool = True  # on a terminal; elsewhere a log line every log_every steps
     tensorboard: bool = True
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "steptrain"

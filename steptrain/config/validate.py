@@ -61,6 +61,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("batch_size", "grad_accum", "keep_last"):
         if t[key] < 1:
             fail(f"trainer.{key}={t[key]} must be >= 1")
+    if cfg.logging.log_every < 1:
+        fail(f"logging.log_every={cfg.logging.log_every} must be >= 1")
     for key in ("max_steps", "save_every", "eval_every", "eval_batches", "generate_eval"):
         if t[key] < 0:
             fail(f"trainer.{key}={t[key]} must be >= 0")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from steptrain.data import collate, plan_epoch, row_messages
+from steptrain.models.forward import lm_logits
 from steptrain.objectives import lm_loss_sum
 from steptrain.rollout import generate_greedy
 
@@ -25,10 +26,7 @@ def evaluate_loss(engine, examples, *, batch_size: int, max_length: int, pad_id:
     for rows in plan[engine.rank :: engine.world_size]:
         batch = {k: v.to(engine.device) for k, v in collate(rows, examples, pad_id=pad_id, packing=False).items() if v is not None}
         with engine.autocast():
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                position_ids=batch["position_ids"], use_cache=False,
-            ).logits
+            logits = lm_logits(model, batch)
         loss, m = lm_loss_sum(logits, batch["labels"])
         totals += torch.tensor([loss.item(), m["label_tokens"].item(), m["correct"].item()], dtype=torch.float64)
     model.train(was_training)

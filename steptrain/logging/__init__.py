@@ -1,5 +1,5 @@
 """Console, metrics.jsonl, TensorBoard, W&B and plots."""
 
-from steptrain.logging.metrics import METRICS, MetricsLogger, truncate_metrics
+from steptrain.logging.metrics import METRICS, MetricsLogger, format_metrics, truncate_metrics
 
-__all__ = ["METRICS", "MetricsLogger", "truncate_metrics"]
+__all__ = ["METRICS", "MetricsLogger", "format_metrics", "truncate_metrics"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -56,7 +57,7 @@ class MetricsLogger:
                 resume="allow",
                 id=_wandb_id(self.dir),
             )
-        if logging_cfg.progress_bar:
+        if logging_cfg.progress_bar and sys.stderr.isatty():  # in a log file, plain lines read better
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, leave=True)
@@ -83,7 +84,7 @@ class MetricsLogger:
         elif "loss" in record and step % self.cfg.log_every == 0:
             log.info("step %d loss %.4f lr %.2e", step, record["loss"], record["lr"])
         if any(k.startswith("eval/") for k in record):
-            msg = " ".join(f"{k}={v:.4f}" for k, v in scalars.items() if k.startswith("eval/"))
+            msg = format_metrics({k: v for k, v in scalars.items() if k.startswith("eval/")})
             (self.bar.write if self.bar is not None else log.info)(f"step {step}: {msg}")
 
     def close(self) -> None:
@@ -100,6 +101,10 @@ class MetricsLogger:
             from steptrain.logging.plot import plot_losses
 
             plot_losses(self.path, self.dir / "loss.png")
+
+
+def format_metrics(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
 def _wandb_id(output_dir: Path) -> str:

@@ -35,6 +35,7 @@ from steptrain.engines import build_engine
 from steptrain.engines.optim import param_groups
 from steptrain.eval import evaluate_loss, exact_match
 from steptrain.logging import MetricsLogger
+from steptrain.models.forward import lm_logits
 from steptrain.models.loader import load_model, load_tokenizer
 from steptrain.models.lora import apply_lora, count_parameters
 from steptrain.objectives import lm_loss_sum
@@ -195,17 +196,14 @@ def _train(cfg, engine) -> dict:
             n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             n_global = engine.all_reduce(torch.tensor([float(n_local)]))[0].item()
             totals = torch.zeros(4, dtype=torch.float64)  # loss sum, label tokens, correct, input tokens
-            for i, batch in enumerate(batches):
+            for i, (rows, batch) in enumerate(zip(mine, batches, strict=True)):
                 batch = {k: v.to(engine.device) for k, v in batch.items() if v is not None}
                 with engine.accumulate(last=i == len(batches) - 1):
                     with engine.autocast():
-                        logits = model(
-                            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                            position_ids=batch["position_ids"], use_cache=False,
-                        ).logits
+                        logits = lm_logits(model, batch)
                     loss_sum, m = lm_loss_sum(logits, batch["labels"])
                     engine.backward(loss_sum / n_global)
-                real = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+                real = sum(len(train.examples[j].input_ids) for row in rows for j in row)  # not padding
                 totals += torch.tensor(
                     [loss_sum.item(), m["label_tokens"].item(), m["correct"].item(), float(real)], dtype=torch.float64
                 )

@@ -1,0 +1,20 @@
+"""The one way steptrain calls a causal LM on a collated batch."""
+
+from __future__ import annotations
+
+import torch
+
+
+def lm_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits for a batch from ``steptrain.data.collate``.
+
+    Unpacked rows carry a padding ``attention_mask``; packed rows carry none, and transformers tells
+    the sequences in a row apart by where ``position_ids`` restart (block-diagonal causal attention).
+    The KV cache is off: training and scoring never reuse it.
+    """
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).logits
