@@ -121,3 +121,17 @@ def test_epochs_mode_and_wandb_offline(assets, tmp_path, monkeypatch):
     train = [r for r in read_metrics(out) if "loss" in r]
     assert [r["epoch"] for r in train] == [0] * 5 + [1] * 5  # 40 rows / 8 per step, two passes
     assert list((out / "wandb").glob("offline-run-*")), "W&B should log offline into output_dir"
+
+
+def test_quickstart_experiment_and_demo_report(assets, tmp_path):
+    out = tmp_path / "qs"
+    args = ["experiment=quickstart", f"model.path={assets['model']}", f"data.train_files=[{assets['train']}]",
+            f"data.eval_files=[{assets['eval']}]", f"output_dir={out}", "trainer.max_steps=4", "optim.warmup_steps=1",
+            "trainer.generate_eval=8", "logging.tensorboard=false"]
+    assert main(["train", *args]) == 0
+    assert main(["export", str(out / "checkpoints" / "step_4"), str(tmp_path / "export")]) == 0
+    from data_pipelines.demo_report import report
+
+    text = report(out, tmp_path / "export")
+    assert "held-out exact match: 0.0% (step 0) ->" in text and "on 8 prompts" in text
+    assert str((tmp_path / "export").resolve()) in text
