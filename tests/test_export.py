@@ -65,3 +65,31 @@ def test_export_refuses_incomplete_checkpoint(tmp_path):
     (tmp_path / "step_3").mkdir()
     with pytest.raises(ExportError, match="not a complete steptrain checkpoint"):
         export_checkpoint(tmp_path / "step_3", tmp_path / "out")
+
+
+def test_preset_lora_export_rebuilds_the_trained_model(assets, tmp_path):
+    """A preset's frozen base is random: export must rebuild exactly the weights that were trained on.
+
+    The recipe's final eval loss was computed on the live model; the exported merged model must
+    reproduce it on the same eval rows.
+    """
+    from steptrain.config import load_saved_config
+    from steptrain.data import load_sft_data, read_rows
+    from steptrain.engines.single import SingleEngine
+    from steptrain.eval import evaluate_loss
+    from tests.conftest import read_metrics
+
+    out = tmp_path / "run"
+    args = base_overrides(assets, out, "model.path=null", "model.preset=tiny", f"model.tokenizer_path={assets['model']}",
+                          "peft=lora", "peft.r=4", "optim.lr=1e-2", "trainer.max_steps=3", f"data.eval_files=[{assets['eval']}]")
+    assert main(["train", *args]) == 0
+    trained_eval = [r for r in read_metrics(out) if "eval/loss" in r][-1]["eval/loss"]
+
+    merged = export_checkpoint(out / "checkpoints/step_3", tmp_path / "merged", merge_lora=True)
+    cfg = load_saved_config(out / "config.yaml")
+    tok = AutoTokenizer.from_pretrained(merged)
+    engine = SingleEngine(cfg.engine, cfg.trainer)
+    engine.module = AutoModelForCausalLM.from_pretrained(merged).eval()
+    examples = load_sft_data(read_rows([str(assets["eval"])])[0], tok, cfg.data).examples
+    metrics = evaluate_loss(engine, examples, batch_size=4, max_length=64, pad_id=tok.pad_token_id)
+    assert metrics["eval/loss"] == pytest.approx(trained_eval, rel=1e-5)

@@ -123,7 +123,8 @@ def save_checkpoint(engine, output_dir, step: int, trainer_state: dict, cfg, kee
 def load_checkpoint(engine, ckpt: Path) -> dict:
     """Restore engine state and this rank's RNG from ``ckpt``; returns the trainer state."""
     engine.load(ckpt)
-    load_rng(ckpt, engine.rank)
+    if not load_rng(ckpt, engine.rank):
+        log.warning("%s has no RNG state for rank %d: continuing with fresh generators", ckpt, engine.rank)
     return json.loads((ckpt / STATE).read_text())
 
 

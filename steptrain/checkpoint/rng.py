@@ -26,10 +26,11 @@ def save_rng(ckpt_dir: Path, rank: int) -> None:
     (ckpt_dir / f"rng_rank{rank}.json").write_text(json.dumps(meta))
 
 
-def load_rng(ckpt_dir: Path, rank: int) -> None:
+def load_rng(ckpt_dir: Path, rank: int) -> bool:
+    """Restore this rank's generators; False if the checkpoint has none for it (other world size)."""
     path = ckpt_dir / f"rng_rank{rank}.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no RNG state for rank {rank} (was the run saved with another world size?)")
+        return False
     tensors = load_file(str(path))
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
@@ -41,6 +42,7 @@ def load_rng(ckpt_dir: Path, rank: int) -> None:
     random.setstate((v, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return True
 
 
 def seed_everything(seed: int) -> None:

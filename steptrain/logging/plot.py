@@ -25,7 +25,8 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("loss (nats/token, log scale)")
+    ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
