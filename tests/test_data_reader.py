@@ -184,7 +184,7 @@ def test_load_sft_data_end_to_end(tmp_path):
     assert b.input_ids == [1, 4, 5, 9, 10, 32, 24, 3, 4, 6, 14, 3, 4, 7, 15, 26, 16, 10, 9, 25]
     assert b.labels == [M] * 14 + [15, 26, 16, 10, 9, 25] and b.source == f"{path}:2"
     assert data.stats == {
-        "rows": 3, "skipped": {"invalid JSON": 1}, "truncated": 1, "dropped_too_long": 0,
+        "rows": 3, "audio_clips": 0, "skipped": {"invalid JSON": 1}, "truncated": 1, "dropped_too_long": 0,
         "dropped_no_labels": 1, "tokens": 38, "label_tokens": 9,
     }  # fmt: skip
 

@@ -1,5 +1,6 @@
 """Data layer: ms-swift JSONL (and HF datasets) -> chat-template segments -> token ids/labels -> batches."""
 
+from steptrain.data.audio_spans import AUDIO_TAG, AudioClip, AudioSpec
 from steptrain.data.batching import collate, plan_epoch
 from steptrain.data.dataset import SFTData, load_sft_data
 from steptrain.data.encode import IGNORE_INDEX, Encoded, encode_segments
@@ -8,6 +9,9 @@ from steptrain.data.reader import read_rows, row_messages
 from steptrain.data.templates import ChatTemplate, Segment, build_template
 
 __all__ = [
+    "AUDIO_TAG",
+    "AudioClip",
+    "AudioSpec",
     "IGNORE_INDEX",
     "ChatTemplate",
     "DataError",

@@ -7,10 +7,12 @@ state, so a resumed run can rebuild the exact epoch and skip the micro-batches i
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from steptrain.data.audio_spans import AudioClip
 from steptrain.data.encode import IGNORE_INDEX, Encoded
 
 MEGA_BATCH = 64  # group_by_length sorts windows of MEGA_BATCH * batch_size examples
@@ -107,9 +109,18 @@ def _pack_in_order(order: np.ndarray, lens: np.ndarray, max_length: int) -> list
 
 
 def collate(
-    rows: list[list[int]], examples: list[Encoded], *, pad_id: int, packing: bool
+    rows: list[list[int]],
+    examples: list[Encoded],
+    *,
+    pad_id: int,
+    packing: bool,
+    audio_features: Callable[[AudioClip], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Right-padded [B, T] tensors, T = the longest row of this micro-batch.
+
+    Clips of the batch's examples come as ``audio_features`` [n_clips, n_mels, frames] (zero-padded)
+    and ``audio_lengths`` [n_clips], in the reading order of their placeholder spans over the batch,
+    which is the order in which the speech model fills them.
 
     Packed rows get no attention mask: position_ids restart at 0 for every example and for the padding
     tail, and transformers (>= 5) turns such restarts into a block-diagonal causal mask, so no token
@@ -135,9 +146,20 @@ def collate(
             attention_mask[b, :pos] = 1
         else:
             position_ids[b, pos:] = torch.arange(width - pos)
-    return {
+    batch = {
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
         "attention_mask": attention_mask,
     }
+    clips = [clip for row in rows for i in row for clip in examples[i].audio]
+    if clips:
+        if audio_features is None:
+            raise ValueError("the batch has audio clips but collate got no audio_features function")
+        feats = [audio_features(clip) for clip in clips]
+        lengths = torch.tensor([f.shape[-1] for f in feats], dtype=torch.long)
+        out = torch.zeros(len(feats), feats[0].shape[0], int(lengths.max()), dtype=feats[0].dtype)
+        for k, f in enumerate(feats):
+            out[k, :, : f.shape[-1]] = f
+        batch |= {"audio_features": out, "audio_lengths": lengths}
+    return batch

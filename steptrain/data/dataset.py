@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from steptrain.data.encode import IGNORE_INDEX, Encoded, fit_length, tokenize_segments
+from steptrain.data.audio_spans import AUDIO_TAG, AudioSpec, audio_paths, clip_tokens
+from steptrain.data.encode import IGNORE_INDEX, Encoded, fit_length, tokenize_with_audio
 from steptrain.data.errors import DataError
 from steptrain.data.reader import read_rows, row_messages
 from steptrain.data.templates import NOT_PREFIX_STABLE, build_template
@@ -19,8 +20,11 @@ class SFTData:
     stats: dict = field(default_factory=dict)
 
 
-def load_sft_data(files: list[str] | list[dict], tokenizer, data_cfg) -> SFTData:
+def load_sft_data(files: list[str] | list[dict], tokenizer, data_cfg, audio: AudioSpec | None = None) -> SFTData:
     """Read, render and tokenize `files` as configured by `data_cfg` (a DataConfig); logs nothing.
+
+    With ``audio`` (speech models), ``<audio>`` tags become placeholder spans and the clips are kept on
+    each example for ``collate``; without it, a row with audio is a bad row.
 
     `files` may instead hold rows already returned by `read_rows` (e.g. what is left after holding out
     an eval split); their reader-stage skips are then the caller's to count.
@@ -43,15 +47,17 @@ def load_sft_data(files: list[str] | list[dict], tokenizer, data_cfg) -> SFTData
         source = row.get("_source", f"row {n}")
         try:
             segments = template.segments(row_messages(row), loss_on=data_cfg.loss_on)
+            clips = _audio_for(row, source, audio)
+            input_ids, labels, clip_list, spans = tokenize_with_audio(segments, tokenizer, clips)
         except DataError as e:
             if data_cfg.on_error == "error" or e.reason == NOT_PREFIX_STABLE:
                 raise e.at(source) from None
             skipped[e.reason] += 1
             continue
-        input_ids, labels = tokenize_segments(segments, tokenizer)
         too_long = len(input_ids) > data_cfg.max_length
         example = fit_length(
-            input_ids, labels, max_length=data_cfg.max_length, truncation=data_cfg.truncation, source=source
+            input_ids, labels, max_length=data_cfg.max_length, truncation=data_cfg.truncation, source=source,
+            clips=clip_list, spans=spans,
         )
         if example is None:
             stats[
@@ -62,5 +68,15 @@ def load_sft_data(files: list[str] | list[dict], tokenizer, data_cfg) -> SFTData
         stats["tokens"] += len(example.input_ids)
         stats["label_tokens"] += sum(label != IGNORE_INDEX for label in example.labels)
         examples.append(example)
-    keys = ("truncated", "dropped_too_long", "dropped_no_labels", "tokens", "label_tokens")
+    stats["audio_clips"] = sum(len(e.audio) for e in examples)
+    keys = ("audio_clips", "truncated", "dropped_too_long", "dropped_no_labels", "tokens", "label_tokens")
     return SFTData(examples, {"rows": len(rows), "skipped": dict(skipped), **{k: stats[k] for k in keys}})
+
+
+def _audio_for(row: dict, source: str, audio: AudioSpec | None):
+    """Placeholder spans for the row's <audio> tags, in order (None for a text-only row)."""
+    if not row.get("audios") and not any(AUDIO_TAG in m["content"] for m in row["messages"]):
+        return None
+    if audio is None:
+        raise DataError("audio in a text-only run", "the row has audio but the model takes no audio input")
+    return iter([clip_tokens(path, audio) for path in audio_paths(row, source)])

@@ -6,9 +6,10 @@ boundaries are exact by construction instead of being recovered from character o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
+from steptrain.data.audio_spans import AudioClip, split_on_audio
 from steptrain.data.templates import Segment
 
 IGNORE_INDEX = -100  # HF convention: labels with this value carry no loss
@@ -20,31 +21,78 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]  # == input_ids where trained, else IGNORE_INDEX; the model shifts them
     source: str  # "path:line" of the row, for error messages and debugging
+    audio: list[AudioClip] = field(default_factory=list)  # clips in the order their spans appear
+    audio_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) token span per clip
 
 
-def tokenize_segments(segments: Sequence[Segment], tokenizer) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of the whole conversation, before any truncation."""
-    input_ids: list[int] = []
-    labels: list[int] = []
-    texts = [s.text for s in segments]
-    batch = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # HF rejects []
-    for seg, ids in zip(segments, batch, strict=True):
-        input_ids += ids
-        labels += ids if seg.train else [IGNORE_INDEX] * len(ids)
+AudioTokens = Iterator[list[tuple[list[int], AudioClip]]]  # per <audio> tag: (placeholder ids, clip) per chunk
+
+
+def tokenize_segments(
+    segments: Sequence[Segment], tokenizer, audio: AudioTokens | None = None
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of the whole conversation, before any truncation.
+
+    With ``audio``, every ``<audio>`` tag is replaced by the next file's placeholder span (never
+    trained: it is input the model hears, not text it writes); use ``tokenize_with_audio`` to also get
+    the clips and their spans.
+    """
+    input_ids, labels, _, _ = tokenize_with_audio(segments, tokenizer, audio)
     return input_ids, labels
 
 
+def tokenize_with_audio(segments: Sequence[Segment], tokenizer, audio: AudioTokens | None = None):
+    """(input_ids, labels, clips, spans); see ``tokenize_segments``."""
+    pieces = [split_on_audio(s.text) if audio is not None else [s.text] for s in segments]
+    texts = [t for parts in pieces for t in parts]
+    batch = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])  # HF rejects []
+    input_ids: list[int] = []
+    labels: list[int] = []
+    clips: list[AudioClip] = []
+    spans: list[tuple[int, int]] = []
+    for seg, parts in zip(segments, pieces, strict=True):
+        for k in range(len(parts)):
+            if k:  # an <audio> tag stood between parts[k - 1] and parts[k]
+                for span_ids, clip in next(audio):
+                    spans.append((len(input_ids), len(input_ids) + len(span_ids)))
+                    clips.append(clip)
+                    input_ids += span_ids
+                    labels += [IGNORE_INDEX] * len(span_ids)
+            ids = next(batch)
+            input_ids += ids
+            labels += ids if seg.train else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels, clips, spans
+
+
 def fit_length(
-    input_ids: list[int], labels: list[int], *, max_length: int, truncation: str, source: str = ""
+    input_ids: list[int],
+    labels: list[int],
+    *,
+    max_length: int,
+    truncation: str,
+    source: str = "",
+    clips: Sequence[AudioClip] = (),
+    spans: Sequence[tuple[int, int]] = (),
 ) -> Encoded | None:
-    """Apply the truncation policy; None when the row is dropped or no trained token is left."""
+    """Apply the truncation policy; None when the row is dropped or no trained token is left.
+
+    A cut never splits an audio span (the model needs every patch of a clip): it moves to the span's
+    edge, and clips outside the kept window are dropped with their spans.
+    """
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation must be one of {', '.join(TRUNCATION)}, got {truncation!r}")
-    if len(input_ids) > max_length:
+    start, end = 0, len(input_ids)
+    if end > max_length:
         if truncation == "drop":
             return None
-        cut = slice(None, max_length) if truncation == "right" else slice(len(input_ids) - max_length, None)
-        input_ids, labels = input_ids[cut], labels[cut]
+        if truncation == "right":
+            end = max_length
+            end = min([s for s, e in spans if s < end < e], default=end)
+        else:
+            start = end - max_length
+            start = max([e for s, e in spans if s < start < e], default=start)
+    input_ids, labels = input_ids[start:end], labels[start:end]
+    kept = [(c, (s - start, e - start)) for c, (s, e) in zip(clips, spans, strict=True) if s >= start and e <= end]
     if not input_ids:
         return None
     # The first token has no preceding context inside the example. Never making it a target means an
@@ -52,7 +100,7 @@ def fit_length(
     labels = [IGNORE_INDEX, *labels[1:]]
     if all(label == IGNORE_INDEX for label in labels):
         return None
-    return Encoded(input_ids, labels, source)
+    return Encoded(input_ids, labels, source, [c for c, _ in kept], [sp for _, sp in kept])
 
 
 def encode_segments(

@@ -1,0 +1,263 @@
+"""Audio tokenizers: a protocol, a built-in k-means reference tokenizer, and adapters to real codecs.
+
+``KMeansAudioTokenizer`` is a small reference/test tokenizer, not a speech codec: features are the
+Step-Audio 2 log-mel frames (100 Hz) averaged over windows of 4 frames (25 Hz, one code per 40 ms),
+quantised by k-means (k-means++ init, seeded, Lloyd iterations, in torch). It cannot decode.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from .features import SAMPLE_RATE, log_mel, num_frames
+from .io import resample
+
+__all__ = [
+    "AudioTokenizer",
+    "AudioTokenizerError",
+    "CosyVoice2Tokenizer",
+    "KMeansAudioTokenizer",
+    "StepAudioTokenizer",
+    "kmeans",
+    "load_audio_tokenizer",
+]
+
+
+class AudioTokenizerError(RuntimeError):
+    """A tokenizer cannot be built (missing package, weights or bad spec)."""
+
+
+@runtime_checkable
+class AudioTokenizer(Protocol):
+    rate_hz: float
+    n_codes: int
+
+    def encode(self, audio: np.ndarray, sr: int) -> list[int]: ...
+
+    def decode(self, codes: list[int]) -> np.ndarray:
+        """Codes -> 16 kHz waveform; raise NotImplementedError (with a message) if unsupported."""
+        ...
+
+
+def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return (x.pow(2).sum(1, keepdim=True) - 2 * x @ c.T + c.pow(2).sum(1)[None, :]).clamp_min_(0)
+
+
+def kmeans(x: torch.Tensor, k: int, n_iter: int = 25, seed: int = 0) -> torch.Tensor:
+    """k-means++ initialisation + Lloyd iterations on x [N, D]; returns centroids [k, D] (float32).
+
+    Deterministic for a given seed. An empty cluster is re-seeded with the point farthest from its centroid.
+    """
+    x = x.to(torch.float32)
+    n = x.shape[0]
+    if n < k:
+        raise ValueError(f"k-means needs at least k={k} feature frames, got {n}")
+    g = torch.Generator().manual_seed(int(seed))
+    centroids = torch.empty(k, x.shape[1], dtype=torch.float32)
+    centroids[0] = x[torch.randint(n, (1,), generator=g)]
+    d2 = _sq_dists(x, centroids[:1]).squeeze(1)
+    for i in range(1, k):
+        total = d2.sum()
+        if total <= 0:  # fewer distinct points than k: any point
+            idx = torch.randint(n, (1,), generator=g)
+        else:
+            idx = torch.multinomial(d2 / total, 1, generator=g)
+        centroids[i] = x[idx]
+        d2 = torch.minimum(d2, _sq_dists(x, centroids[i : i + 1]).squeeze(1))
+    for _ in range(n_iter):
+        dist = _sq_dists(x, centroids)
+        assign = dist.argmin(1)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        new = sums / counts.clamp_min(1)[:, None].to(x.dtype)
+        empty = counts == 0
+        if empty.any():
+            far = dist.gather(1, assign[:, None]).squeeze(1)
+            for ci in torch.nonzero(empty).flatten().tolist():
+                j = int(far.argmax())
+                new[ci] = x[j]
+                far[j] = -1.0
+        if torch.equal(new, centroids):
+            break
+        centroids = new
+    return centroids
+
+
+class KMeansAudioTokenizer:
+    """Reference tokenizer: 25 Hz averaged log-mel frames -> nearest of ``n_codes`` k-means centroids.
+
+    ``encode`` returns ``num_frames(len(audio_16k)) // 4`` codes (about one per 40 ms; the last partial
+    window is dropped).
+    """
+
+    FRAMES_PER_CODE = 4  # 100 Hz log-mel -> 25 Hz codes
+
+    def __init__(self, n_codes: int = 256, n_mels: int = 128, n_iter: int = 25, seed: int = 0):
+        if n_codes <= 0:
+            raise ValueError(f"n_codes must be positive, got {n_codes}")
+        self.n_codes = int(n_codes)
+        self.n_mels = int(n_mels)
+        self.n_iter = int(n_iter)
+        self.seed = int(seed)
+        self.rate_hz = SAMPLE_RATE / 160 / self.FRAMES_PER_CODE
+        self.centroids: torch.Tensor | None = None
+
+    def features(self, audio: np.ndarray, sr: int) -> torch.Tensor:
+        """[n_windows, n_mels] features at 25 Hz for one utterance."""
+        audio = resample(np.asarray(audio, dtype=np.float32), sr, SAMPLE_RATE)
+        mel = log_mel(audio, n_mels=self.n_mels)  # [n_mels, T]
+        w = self.FRAMES_PER_CODE
+        n = mel.shape[1] // w
+        return mel[:, : n * w].reshape(self.n_mels, n, w).mean(-1).T.contiguous()
+
+    def num_codes(self, n_samples_16k: int) -> int:
+        return num_frames(n_samples_16k) // self.FRAMES_PER_CODE
+
+    def fit(self, audios: list[np.ndarray], sr: int) -> KMeansAudioTokenizer:
+        feats = [self.features(a, sr) for a in audios]
+        x = torch.cat([f for f in feats if f.shape[0]], dim=0) if feats else torch.empty(0, self.n_mels)
+        self.centroids = kmeans(x, self.n_codes, n_iter=self.n_iter, seed=self.seed)
+        return self
+
+    def encode(self, audio: np.ndarray, sr: int) -> list[int]:
+        if self.centroids is None:
+            raise RuntimeError("KMeansAudioTokenizer is not fitted: call fit() or load() first")
+        f = self.features(audio, sr)
+        if f.shape[0] == 0:
+            return []
+        return _sq_dists(f, self.centroids).argmin(1).tolist()
+
+    def decode(self, codes: list[int]) -> np.ndarray:
+        raise NotImplementedError("KMeansAudioTokenizer cannot decode codes to audio (it is an analysis-only tokenizer)")
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        if self.centroids is None:
+            raise RuntimeError("KMeansAudioTokenizer is not fitted: nothing to save")
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_file({"centroids": self.centroids.contiguous()}, str(d / "centroids.safetensors"))
+        cfg = {
+            "type": "kmeans",
+            "n_codes": self.n_codes,
+            "n_mels": self.n_mels,
+            "n_iter": self.n_iter,
+            "seed": self.seed,
+            "rate_hz": self.rate_hz,
+            "frames_per_code": self.FRAMES_PER_CODE,
+        }
+        (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> KMeansAudioTokenizer:
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        cfg_path, w_path = d / "config.json", d / "centroids.safetensors"
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise AudioTokenizerError(f"{d}: not a k-means audio tokenizer directory ({p.name} missing)")
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("type") != "kmeans":
+            raise AudioTokenizerError(f"{cfg_path}: type is {cfg.get('type')!r}, expected 'kmeans'")
+        tok = cls(n_codes=cfg["n_codes"], n_mels=cfg["n_mels"], n_iter=cfg.get("n_iter", 25), seed=cfg.get("seed", 0))
+        c = load_file(str(w_path))["centroids"]
+        if tuple(c.shape) != (tok.n_codes, tok.n_mels):
+            raise AudioTokenizerError(f"{w_path}: centroids shape {tuple(c.shape)} != ({tok.n_codes}, {tok.n_mels})")
+        tok.centroids = c.to(torch.float32)
+        return tok
+
+
+def _require_module(module: str, purpose: str, hint: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise AudioTokenizerError(f"{purpose} needs the Python package '{module}', which is not installed ({hint})") from e
+
+
+class CosyVoice2Tokenizer:
+    """Adapter to the CosyVoice2 speech tokenizer (25 Hz, 6561 codes): Step-Audio 2's output audio codes.
+
+    Needs ``onnxruntime`` and ``DIR/speech_tokenizer_v2.onnx`` (from the CosyVoice2 release). Input:
+    128-bin Whisper log-mel without padding. UNVERIFIED here (no weights available in this environment).
+    """
+
+    rate_hz = 25.0
+    n_codes = 6561
+    WEIGHTS = "speech_tokenizer_v2.onnx"
+
+    def __init__(self, directory: str | os.PathLike):
+        d = Path(directory)
+        ort = _require_module("onnxruntime", "cosyvoice2 audio tokenizer", "pip install onnxruntime")
+        weights = d / self.WEIGHTS
+        if not weights.is_file():
+            raise AudioTokenizerError(
+                f"cosyvoice2 audio tokenizer: weights {weights} not found (download the CosyVoice2 model directory)"
+            )
+        self.session = ort.InferenceSession(str(weights), providers=["CPUExecutionProvider"])
+
+    def encode(self, audio: np.ndarray, sr: int) -> list[int]:
+        audio = resample(np.asarray(audio, dtype=np.float32), sr, SAMPLE_RATE)
+        feat = log_mel(audio, n_mels=128, padding=0)[None].numpy()
+        inputs = self.session.get_inputs()
+        out = self.session.run(
+            None, {inputs[0].name: feat, inputs[1].name: np.array([feat.shape[2]], dtype=np.int32)}
+        )[0]
+        return [int(v) for v in np.asarray(out).reshape(-1)]
+
+    def decode(self, codes: list[int]) -> np.ndarray:
+        raise NotImplementedError("cosyvoice2 adapter: decoding needs CosyVoice2's flow-matching decoder + vocoder")
+
+
+class StepAudioTokenizer:
+    """Adapter to Step-Audio v1's dual-codebook tokenizer (vq02 + vq06, interleaved 2:3 -> 5120 codes).
+
+    Needs the Step-Audio repository's ``tokenizer`` module (class ``StepAudioTokenizer``) importable and
+    DIR = the Step-Audio-Tokenizer weights directory. UNVERIFIED here (package and weights absent).
+    """
+
+    rate_hz = 25.0 + 50.0 / 3.0  # 16.7 Hz linguistic + 25 Hz semantic codes per second
+    n_codes = 5120
+    MODULE = "tokenizer"
+
+    def __init__(self, directory: str | os.PathLike):
+        d = Path(directory)
+        mod = _require_module(
+            self.MODULE,
+            "stepaudio audio tokenizer",
+            "put the Step-Audio repository (https://github.com/stepfun-ai/Step-Audio) on PYTHONPATH",
+        )
+        if not hasattr(mod, "StepAudioTokenizer"):
+            raise AudioTokenizerError(
+                f"stepaudio audio tokenizer: module '{self.MODULE}' ({getattr(mod, '__file__', '?')}) has no "
+                "StepAudioTokenizer; put the Step-Audio repository first on PYTHONPATH"
+            )
+        if not d.is_dir():
+            raise AudioTokenizerError(f"stepaudio audio tokenizer: weights directory {d} not found (Step-Audio-Tokenizer)")
+        self.impl = mod.StepAudioTokenizer(str(d))
+
+    def encode(self, audio: np.ndarray, sr: int) -> list[int]:
+        out = self.impl.wav2token(torch.as_tensor(np.asarray(audio, dtype=np.float32))[None], sr)
+        codes = out[1] if isinstance(out, tuple) else out
+        return [int(v) for v in codes]
+
+    def decode(self, codes: list[int]) -> np.ndarray:
+        raise NotImplementedError("stepaudio adapter: decoding needs Step-Audio-TTS's flow-matching decoder + vocoder")
+
+
+def load_audio_tokenizer(spec: str) -> AudioTokenizer:
+    """'kmeans:DIR' -> KMeansAudioTokenizer.load(DIR); 'cosyvoice2:DIR' / 'stepaudio:DIR' -> codec adapters."""
+    kind, sep, directory = spec.partition(":")
+    kinds = {"kmeans": KMeansAudioTokenizer.load, "cosyvoice2": CosyVoice2Tokenizer, "stepaudio": StepAudioTokenizer}
+    if not sep or not directory or kind not in kinds:
+        raise AudioTokenizerError(f"bad audio tokenizer spec {spec!r}: expected one of {sorted(kinds)} as 'KIND:DIR'")
+    return kinds[kind](directory)

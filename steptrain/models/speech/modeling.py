@@ -1,0 +1,466 @@
+"""Speech LLM: Whisper-style encoder -> adapter -> any HF causal LM (Step-Audio 2 layout).
+
+Rates: 100 Hz log-mel -> conv2 (stride 2) 50 Hz -> AvgPool(2) 25 Hz (encoder output) -> adapter conv
+(stride 2) 12.5 Hz. :func:`num_patches` gives the exact number of adapter outputs for ``n`` mel frames,
+which is the number of ``<audio_patch>`` tokens a clip must have in the text.
+
+Padding: clips in a batch are padded to the longest; everything past a clip's valid length is zeroed
+before every strided conv, so a clip's features do not depend on what it was batched with (the zeros
+equal the convs' own zero padding), and encoder self-attention masks padded keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+
+from steptrain.models.speech.configuration import AudioEncoderConfig, SpeechLMConfig
+
+ENCODER_WEIGHTS = "audio_encoder.safetensors"
+ENCODER_CONFIG = "audio_encoder_config.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Length arithmetic
+# ----------------------------------------------------------------------------------------------
+
+
+def _conv_s2(n):
+    """Output length of Conv1d(k=3, s=2, p=1): floor((n + 2 - 3) / 2) + 1 (0 for empty input)."""
+    return (n - 1) // 2 + 1 if n > 0 else 0
+
+
+def encoder_length(n_frames: int) -> int:
+    """Encoder (25 Hz) output length for ``n_frames`` mel frames: conv2 (s2), then AvgPool1d(2, 2)."""
+    return _conv_s2(int(n_frames)) // 2
+
+
+def num_patches(n_frames: int) -> int:
+    """Exact number of adapter outputs (12.5 Hz patches) for ``n_frames`` 100 Hz mel frames.
+
+    conv1 keeps the length; conv2 (k3 s2 p1) gives L1 = (n-1)//2 + 1; AvgPool1d(2, 2) gives
+    L2 = L1 // 2; the adapter conv (k3 s2 p1) gives (L2-1)//2 + 1, or 0 when L2 == 0 (n < 3).
+    E.g. 2500 frames (25 s) -> 1250 -> 625 -> 313 patches.
+    """
+    return _conv_s2(encoder_length(n_frames))
+
+
+def encoder_lengths(n_frames: torch.Tensor) -> torch.Tensor:
+    """Vectorised :func:`encoder_length` for an integer tensor of frame counts."""
+    n = n_frames.long()
+    l1 = torch.where(n > 0, torch.div(n - 1, 2, rounding_mode="floor") + 1, torch.zeros_like(n))
+    return torch.div(l1, 2, rounding_mode="floor")
+
+
+def num_patches_tensor(n_frames: torch.Tensor) -> torch.Tensor:
+    """Vectorised :func:`num_patches` for an integer tensor of frame counts."""
+    l2 = encoder_lengths(n_frames)
+    return torch.where(l2 > 0, torch.div(l2 - 1, 2, rounding_mode="floor") + 1, torch.zeros_like(l2))
+
+
+def _length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, size] bool, True at valid positions."""
+    return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
+    """Whisper's fixed positional table [length, channels]: sin half then cos half."""
+    if channels % 2:
+        raise ValueError(f"sinusoidal positions need an even width, got {channels}")
+    log_timescale_increment = math.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2, dtype=torch.float32))
+    scaled_time = torch.arange(length, dtype=torch.float32)[:, None] * inv_timescales[None, :]
+    return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder and adapter
+# ----------------------------------------------------------------------------------------------
+
+
+class AudioSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.n_heads = n_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)  # Whisper: no key bias
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.n_heads
+
+        def split(y):
+            return y.view(b, t, h, d // h).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, T], True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class AudioEncoderLayer(nn.Module):
+    """Pre-LN block: x + Attn(LN(x)); x + MLP(LN(x)) with a 4x GELU MLP."""
+
+    def __init__(self, d_model: int, n_heads: int, eps: float = 1e-5):
+        super().__init__()
+        self.self_attn_layer_norm = nn.LayerNorm(d_model, eps=eps)
+        self.self_attn = AudioSelfAttention(d_model, n_heads)
+        self.final_layer_norm = nn.LayerNorm(d_model, eps=eps)
+        self.fc1 = nn.Linear(d_model, 4 * d_model)
+        self.fc2 = nn.Linear(4 * d_model, d_model)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), key_mask)
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class WhisperStyleEncoder(nn.Module):
+    """Log-mel [B, n_mels, T] at 100 Hz -> [B, T', d_model] at 25 Hz, plus the valid lengths T'.
+
+    conv1 (k3 s1 p1) + GELU, conv2 (k3 s2 p1) + GELU, + fixed sinusoidal positions (persistent,
+    non-trainable buffer), pre-LN transformer blocks with key-padding masks, AvgPool1d(2, 2), LayerNorm.
+    """
+
+    def __init__(self, config: AudioEncoderConfig):
+        super().__init__()
+        d = config.d_model
+        self.config = config
+        self.conv1 = nn.Conv1d(config.n_mels, d, kernel_size=3, stride=1, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("embed_positions", sinusoids(config.max_source_positions, d), persistent=True)
+        self.layers = nn.ModuleList(
+            [AudioEncoderLayer(d, config.n_heads, config.layer_norm_eps) for _ in range(config.n_layers)]
+        )
+        self.avg_pooler = nn.AvgPool1d(2, stride=2)
+        self.layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None):
+        b, _, t = features.shape
+        if lengths is None:
+            lengths = torch.full((b,), t, dtype=torch.long, device=features.device)
+        lengths = lengths.to(features.device).long()
+        if t < 2:
+            raise ValueError(f"the encoder needs at least 2 mel frames, got {t}")
+        features = features * _length_mask(lengths, t)[:, None, :].to(features.dtype)
+        x = F.gelu(self.conv1(features))
+        x = x * _length_mask(lengths, t)[:, None, :].to(x.dtype)  # padding must look like conv2's zero pad
+        x = F.gelu(self.conv2(x))  # [B, d, L1]
+        l1 = x.shape[-1]
+        if l1 > self.embed_positions.shape[0]:
+            raise ValueError(
+                f"audio too long: {t} frames -> {l1} positions > max_source_positions "
+                f"{self.embed_positions.shape[0]}; cut it into chunks"
+            )
+        x = x.transpose(1, 2) + self.embed_positions[:l1].to(x.dtype)
+        valid1 = torch.where(lengths > 0, torch.div(lengths - 1, 2, rounding_mode="floor") + 1, 0)
+        key_mask = _length_mask(valid1, l1)
+        if bool(key_mask.all()):
+            key_mask = None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, key_mask, use_reentrant=False)
+            else:
+                x = layer(x, key_mask)
+        x = self.avg_pooler(x.transpose(1, 2)).transpose(1, 2)
+        x = self.layer_norm(x)
+        return x, encoder_lengths(lengths)
+
+
+class AudioAdapter(nn.Module):
+    """[B, T', d] 25 Hz -> [B, T'', llm_hidden] 12.5 Hz: Conv1d(k3 s2 p1) + GELU, Linear, ReLU, Linear."""
+
+    def __init__(self, d_model: int, adapter_hidden: int, llm_hidden: int):
+        super().__init__()
+        self.conv = nn.Conv1d(d_model, d_model, kernel_size=3, stride=2, padding=1)
+        self.linear1 = nn.Linear(d_model, adapter_hidden)
+        self.linear2 = nn.Linear(adapter_hidden, llm_hidden)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if lengths is not None:  # zero past the valid length so padding equals the conv's zero pad
+            x = x * _length_mask(lengths.to(x.device), x.shape[1])[:, :, None].to(x.dtype)
+        x = F.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        return self.linear2(F.relu(self.linear1(x)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The full model
+# ----------------------------------------------------------------------------------------------
+
+
+class SpeechLMPreTrainedModel(PreTrainedModel):
+    config_class = SpeechLMConfig
+    config: SpeechLMConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["AudioEncoderLayer", "Qwen2DecoderLayer", "LlamaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        std = self.config.encoder_config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, WhisperStyleEncoder):
+            init.copy_(module.embed_positions, sinusoids(*module.embed_positions.shape))
+
+
+class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
+    """Audio encoder + adapter + an HF causal LM (``self.llm``), fed through ``inputs_embeds``.
+
+    Submodules: ``audio_encoder`` (:class:`WhisperStyleEncoder`), ``audio_adapter``
+    (:class:`AudioAdapter`), ``llm`` (``AutoModelForCausalLM.from_config(config.llm_config)``).
+    """
+
+    def __init__(self, config: SpeechLMConfig):
+        super().__init__(config)
+        enc = config.encoder_config
+        self.audio_encoder = WhisperStyleEncoder(enc)
+        self.audio_adapter = AudioAdapter(enc.d_model, enc.adapter_hidden, config.llm_config.hidden_size)
+        self.llm = AutoModelForCausalLM.from_config(config.llm_config)
+        self.post_init()
+        if config.freeze_encoder:
+            self.audio_encoder.requires_grad_(False)
+
+    # --- embeddings delegate to the LLM ---------------------------------------------------------
+    def get_input_embeddings(self):
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.llm.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.llm.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.llm.set_output_embeddings(value)
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        out = self.llm.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        self.config.llm_config.vocab_size = out.weight.shape[0]
+        return out
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
+        self.audio_encoder.gradient_checkpointing = enable
+        if enable:
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.llm, "activation_checkpointing_enable"):
+                self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif hasattr(self.llm, "gradient_checkpointing_disable"):
+            self.llm.gradient_checkpointing_disable()
+
+    # --- audio ----------------------------------------------------------------------------------
+    def encode_audio(self, audio_features: torch.Tensor, audio_lengths: torch.Tensor | None = None):
+        """Adapter outputs [n_clips, P_max, llm_hidden] and the valid patch count of each clip."""
+        if audio_lengths is None:
+            audio_lengths = torch.full(
+                (audio_features.shape[0],), audio_features.shape[-1], dtype=torch.long, device=audio_features.device
+            )
+        param = next(self.audio_encoder.parameters())
+        feats = audio_features.to(device=param.device, dtype=param.dtype)
+        hidden, enc_lengths = self.audio_encoder(feats, audio_lengths)
+        out = self.audio_adapter(hidden, enc_lengths)
+        return out, num_patches_tensor(audio_lengths.to(out.device))
+
+    def _merge_audio(self, input_ids, inputs_embeds, audio_features, audio_lengths):
+        """Write clip i's first num_patches(len_i) adapter outputs into the i-th run of patch ids.
+
+        Runs are maximal stretches of ``audio_patch_id`` within a row, taken in reading order over the
+        flattened batch (row 0 left to right, then row 1, ...). The number of runs and each run's length
+        must match the clips exactly.
+        """
+        patch_id = self.config.audio_patch_id
+        if patch_id is None:
+            raise ValueError("config.audio_patch_id is not set, cannot place audio features")
+        patch_mask = input_ids == patch_id
+        audio_out, counts = self.encode_audio(audio_features, audio_lengths)
+        expected = counts.tolist()
+        found = _patch_runs(patch_mask)
+        if found != expected:
+            raise ValueError(
+                f"audio patch mismatch: the {len(expected)} clip(s) need runs of <audio_patch> "
+                f"(id {patch_id}) of lengths {expected} (total {sum(expected)}), but input_ids hold "
+                f"{len(found)} run(s) of lengths {found} (total {sum(found)})"
+            )
+        valid = _length_mask(counts, audio_out.shape[1])
+        flat = audio_out[valid].to(inputs_embeds.dtype)  # [sum(counts), H] in clip order
+        return inputs_embeds.masked_scatter(patch_mask.unsqueeze(-1), flat)
+
+    # --- forward --------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        audio_features: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Embed ``input_ids``, place audio patches, run the LLM on ``inputs_embeds``.
+
+        audio_features: [n_clips, n_mels, T] log-mel, padded on the right; audio_lengths: [n_clips]
+        valid frames (default: T for all). Returns the LLM's ``CausalLMOutputWithPast``; with
+        ``labels`` the loss is the LLM's shifted mean cross-entropy (ignore index -100).
+        """
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (or inputs_embeds)")
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        has_audio = audio_features is not None and audio_features.shape[0] > 0
+        if has_audio:
+            if input_ids is None:
+                raise ValueError("audio_features need input_ids to find the <audio_patch> positions")
+            inputs_embeds = self._merge_audio(input_ids, inputs_embeds, audio_features, audio_lengths)
+        else:
+            if input_ids is not None and self.config.audio_patch_id is not None:
+                n_patch = int((input_ids == self.config.audio_patch_id).sum())
+                prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+                if n_patch and prefill:
+                    raise ValueError(
+                        f"audio patch mismatch: input_ids hold {n_patch} <audio_patch> position(s) "
+                        "but no audio_features were given (expected 0 patches)"
+                    )
+            if self.training and self.config.run_encoder_on_dummy:
+                # Every rank must run the same modules each step: under ZeRO-3 / FSDP the encoder's
+                # parameters are all-gathered inside its forward, a collective every rank must join,
+                # and gradient reduction expects a gradient for each trainable parameter. A text-only
+                # batch on one rank would otherwise hang (or fail) the ranks that got audio. Running on
+                # a zero input and adding 0 * sum keeps the values exactly unchanged (finite x: x*0 = 0)
+                # while the autograd graph reaches every encoder/adapter parameter.
+                p = next(self.audio_encoder.parameters())
+                n_mels = self.config.encoder_config.n_mels
+                dummy = torch.zeros(1, n_mels, 8, device=p.device, dtype=p.dtype)
+                out, _ = self.encode_audio(dummy)
+                inputs_embeds = inputs_embeds + 0.0 * out.sum().to(inputs_embeds.dtype)
+        return self.llm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            use_cache=use_cache,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, is_first_iteration=False, **kwargs):
+        """Audio goes only into the prefill step: later steps feed one new token against the cache."""
+        audio_features = kwargs.pop("audio_features", None)
+        audio_lengths = kwargs.pop("audio_lengths", None)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
+        )
+        cached = past_key_values is not None and past_key_values.get_seq_length() > 0
+        use_cache = kwargs.get("use_cache", True)
+        if (is_first_iteration or not use_cache) and not cached:
+            model_inputs["audio_features"] = audio_features
+            model_inputs["audio_lengths"] = audio_lengths
+        return model_inputs
+
+    # --- assembly and encoder checkpoints -------------------------------------------------------
+    def save_encoder(self, directory: str | os.PathLike) -> None:
+        """Save encoder + adapter weights (safetensors) and their config to ``directory``."""
+        os.makedirs(directory, exist_ok=True)
+        state = {f"audio_encoder.{k}": v for k, v in self.audio_encoder.state_dict().items()}
+        state.update({f"audio_adapter.{k}": v for k, v in self.audio_adapter.state_dict().items()})
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(directory, ENCODER_WEIGHTS))
+        meta = {
+            "encoder_config": self.config.encoder_config.to_dict(),
+            "llm_hidden_size": self.config.llm_config.hidden_size,
+        }
+        with open(os.path.join(directory, ENCODER_CONFIG), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    def load_encoder(self, directory: str | os.PathLike) -> None:
+        """Load weights written by :meth:`save_encoder` (sizes must match this model's)."""
+        state = load_file(os.path.join(directory, ENCODER_WEIGHTS))
+        enc = {k[len("audio_encoder.") :]: v for k, v in state.items() if k.startswith("audio_encoder.")}
+        ada = {k[len("audio_adapter.") :]: v for k, v in state.items() if k.startswith("audio_adapter.")}
+        self.audio_encoder.load_state_dict(enc, strict=True)
+        self.audio_adapter.load_state_dict(ada, strict=True)
+
+    @classmethod
+    def from_parts(
+        cls,
+        llm_path: str | None,
+        encoder_path: str | None = None,
+        llm_config=None,
+        dtype: torch.dtype | None = None,
+        **overrides,
+    ) -> SpeechLMForCausalLM:
+        """Assemble from an HF causal-LM directory (or ``llm_config`` for a random LLM) and an
+        encoder+adapter saved with :meth:`save_encoder` (or a fresh random one when None).
+
+        ``overrides`` are :class:`SpeechLMConfig` fields (token ids, ``encoder_config``, ...). With an
+        ``encoder_path`` the saved encoder config is used unless ``encoder_config`` is overridden.
+        """
+        from transformers import AutoConfig
+
+        if llm_path is not None:
+            llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
+            llm_cfg = llm.config
+        else:
+            if llm_config is None:
+                raise ValueError("from_parts needs llm_path or llm_config")
+            llm = None
+            llm_cfg = llm_config if not isinstance(llm_config, dict) else AutoConfig.for_model(**llm_config)
+        if encoder_path is not None and "encoder_config" not in overrides:
+            with open(os.path.join(encoder_path, ENCODER_CONFIG)) as f:
+                meta = json.load(f)
+            if meta["llm_hidden_size"] != llm_cfg.hidden_size:
+                raise ValueError(
+                    f"saved adapter projects to {meta['llm_hidden_size']} but the LLM hidden size is "
+                    f"{llm_cfg.hidden_size}"
+                )
+            enc_cfg = {k: v for k, v in meta["encoder_config"].items() if k not in ("model_type", "transformers_version")}
+            overrides["encoder_config"] = AudioEncoderConfig(**enc_cfg)
+        config = SpeechLMConfig(llm_config=llm_cfg, **overrides)
+        model = cls(config)
+        if llm is not None:
+            model.llm = llm
+            model.config.llm_config = llm.config
+        if encoder_path is not None:
+            model.load_encoder(encoder_path)
+        if dtype is not None:
+            model.to(dtype)
+        if config.freeze_encoder:
+            model.audio_encoder.requires_grad_(False)
+        model.generation_config = model.llm.generation_config
+        return model
+
+
+def _patch_runs(patch_mask: torch.Tensor) -> list[int]:
+    """Lengths of maximal runs of True within each row, in reading order (row-major)."""
+    m = patch_mask.to(torch.int8)
+    if m.numel() == 0:
+        return []
+    prev = F.pad(m, (1, 0))[:, :-1]
+    nxt = F.pad(m, (0, 1))[:, 1:]
+    starts = ((m == 1) & (prev == 0)).flatten().nonzero().squeeze(-1)
+    ends = ((m == 1) & (nxt == 0)).flatten().nonzero().squeeze(-1)
+    return (ends - starts + 1).tolist()
