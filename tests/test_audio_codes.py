@@ -44,10 +44,14 @@ def test_dual_errors():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.integers(0, 12).flatmap(lambda g: st.tuples(
-    st.lists(st.integers(0, 1023), min_size=2 * g, max_size=2 * g),
-    st.lists(st.integers(0, 4095), min_size=3 * g, max_size=3 * g),
-)))
+@given(
+    st.integers(0, 12).flatmap(
+        lambda g: st.tuples(
+            st.lists(st.integers(0, 1023), min_size=2 * g, max_size=2 * g),
+            st.lists(st.integers(0, 4095), min_size=3 * g, max_size=3 * g),
+        )
+    )
+)
 def test_dual_roundtrip(pair):
     vq02, vq06 = pair
     codes = interleave_dual(vq02, vq06)
@@ -71,7 +75,9 @@ def test_id_maps():
 def test_id_map_errors():
     with pytest.raises(ValueError, match=r"audio code \[1\] = 5120 is out of range \[0, 5119\]"):
         STEP_AUDIO_V1.to_ids([0, 5120])
-    with pytest.raises(ValueError, match=r"token id \[0\] = 65535 is not an audio id; valid range \[65536, 70655\]"):
+    with pytest.raises(
+        ValueError, match=r"token id \[0\] = 65535 is not an audio id; valid range \[65536, 70655\]"
+    ):
         STEP_AUDIO_V1.from_ids([65535])
     with pytest.raises(ValueError, match="out of range"):
         STEP_AUDIO_2.token_text(6562)
@@ -102,10 +108,121 @@ def test_interleave_text_audio_exact():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.integers(0, 65535), max_size=40), st.lists(st.integers(0, 5119), max_size=60),
-       st.tuples(st.integers(1, 12), st.integers(1, 16)))
+@given(
+    st.lists(st.integers(0, 65535), max_size=40),
+    st.lists(st.integers(0, 5119), max_size=60),
+    st.tuples(st.integers(1, 12), st.integers(1, 16)),
+)
 def test_split_inverts_interleave(text, codes, ratio):
     audio = STEP_AUDIO_V1.to_ids(codes)
     mixed = interleave_text_audio(text, audio, ratio)
     assert len(mixed) == len(text) + len(audio)
     assert split_text_audio(mixed, STEP_AUDIO_V1) == (text, audio)
+
+
+# ---- audio tokenizers (steptrain.audio.tokenizer) ----
+
+SR = 16000
+FREQS = (250.0, 700.0, 1800.0, 4500.0)
+
+
+def _tone(
+    freq: float, seconds: float = 1.0, amp: float = 0.5, phase: float = 0.0, seed: int = 0
+) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(SR * seconds)) / SR
+    return (amp * np.sin(2 * np.pi * freq * t + phase) + 0.003 * rng.standard_normal(t.size)).astype(
+        np.float32
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    from steptrain.audio.tokenizer import KMeansAudioTokenizer
+
+    audios = [_tone(f, seed=i) for i, f in enumerate(FREQS)]
+    return KMeansAudioTokenizer(n_codes=4, seed=0).fit(audios, SR)
+
+
+def test_kmeans_tokenizer_codes(fitted):
+    from steptrain.audio.tokenizer import AudioTokenizer
+
+    assert isinstance(fitted, AudioTokenizer)
+    assert fitted.rate_hz == 25.0
+    per_tone = []
+    for i, f in enumerate(FREQS):
+        # a fresh tone (other phase, amplitude and noise), 2 s: one code per 40 ms
+        codes = fitted.encode(_tone(f, seconds=2.0, amp=0.3, phase=1.0, seed=100 + i), SR)
+        assert len(codes) == 50 == fitted.num_codes(2 * SR)
+        assert len(set(codes)) == 1, (f, codes)
+        per_tone.append(codes[0])
+    assert sorted(per_tone) == [0, 1, 2, 3]
+    # input at another sample rate is resampled first
+    from steptrain.audio.io import resample
+
+    codes = fitted.encode(resample(_tone(FREQS[1], seconds=1.0, seed=7), SR, 22050), 22050)
+    assert set(codes) == {per_tone[1]}
+
+
+def test_kmeans_tokenizer_save_load(fitted, tmp_path):
+    from steptrain.audio.tokenizer import KMeansAudioTokenizer, load_audio_tokenizer
+
+    fitted.save(tmp_path / "tok")
+    loaded = load_audio_tokenizer(f"kmeans:{tmp_path / 'tok'}")
+    assert isinstance(loaded, KMeansAudioTokenizer)
+    x = np.concatenate([_tone(f, seconds=0.5, seed=50 + i) for i, f in enumerate(FREQS)])
+    assert loaded.encode(x, SR) == fitted.encode(x, SR)
+    assert torch.equal(loaded.centroids, fitted.centroids)
+    with pytest.raises(NotImplementedError, match="cannot decode"):
+        loaded.decode([0, 1])
+
+
+def test_kmeans_deterministic():
+    from steptrain.audio.tokenizer import kmeans
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat(
+        [
+            torch.randn(50, 2, generator=g) * 0.1 + c
+            for c in (torch.tensor([0.0, 0.0]), torch.tensor([5.0, 5.0]))
+        ]
+    )
+    c1, c2 = kmeans(x, 2, seed=1), kmeans(x, 2, seed=1)
+    assert torch.equal(c1, c2)
+    assert sorted(c1.round().sum(1).tolist()) == [0.0, 10.0]
+    with pytest.raises(ValueError, match="at least k=200"):
+        kmeans(x, 200)
+
+
+def test_tokenizer_spec_errors(tmp_path):
+    from steptrain.audio.tokenizer import AudioTokenizerError, load_audio_tokenizer
+
+    with pytest.raises(AudioTokenizerError, match="not a k-means audio tokenizer directory"):
+        load_audio_tokenizer(f"kmeans:{tmp_path}")
+    with pytest.raises(AudioTokenizerError, match="bad audio tokenizer spec 'wav2vec:x'"):
+        load_audio_tokenizer("wav2vec:x")
+    with pytest.raises(AudioTokenizerError, match="bad audio tokenizer spec"):
+        load_audio_tokenizer("kmeans")
+
+
+def test_codec_adapters_missing(tmp_path, monkeypatch):
+    import importlib.util
+
+    from steptrain.audio.tokenizer import AudioTokenizerError, load_audio_tokenizer
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        with pytest.raises(
+            AudioTokenizerError, match="cosyvoice2 audio tokenizer needs the Python package 'onnxruntime'"
+        ):
+            load_audio_tokenizer(f"cosyvoice2:{tmp_path}")
+    else:
+        with pytest.raises(AudioTokenizerError, match=r"weights .*speech_tokenizer_v2\.onnx not found"):
+            load_audio_tokenizer(f"cosyvoice2:{tmp_path}")
+    monkeypatch.setattr(
+        "steptrain.audio.tokenizer.StepAudioTokenizer.MODULE", "stepaudio_tokenizer_absent_pkg"
+    )
+    with pytest.raises(
+        AudioTokenizerError,
+        match="stepaudio audio tokenizer needs the Python package 'stepaudio_tokenizer_absent_pkg'",
+    ):
+        load_audio_tokenizer(f"stepaudio:{tmp_path}")

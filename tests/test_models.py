@@ -79,3 +79,13 @@ def test_bf16_autocast_trains_on_cpu(assets, tmp_path):
     losses = list(train_losses(out).values())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+def test_error_rates_are_corpus_level():
+    from steptrain.eval import error_rates
+
+    rates = error_rates(["1 2 3", "4 5"], ["1 2 4", "4 5 6"])
+    # chars: "1 2 3" vs "1 2 4": 1 substitution; "4 5" vs "4 5 6": 2 deletions; reference chars 5 + 5
+    assert rates["cer"] == pytest.approx(3 / 10)
+    assert rates["wer"] == pytest.approx(2 / 6)
+    assert error_rates(["x"], [""]) == {}

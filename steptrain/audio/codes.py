@@ -92,7 +92,9 @@ class AudioIdMap:
 
     def __post_init__(self) -> None:
         if self.offset < 0 or self.n_codes <= 0:
-            raise ValueError(f"AudioIdMap needs offset >= 0 and n_codes > 0, got {self.offset}, {self.n_codes}")
+            raise ValueError(
+                f"AudioIdMap needs offset >= 0 and n_codes > 0, got {self.offset}, {self.n_codes}"
+            )
         if self.pad_code is not None and self.pad_code != self.n_codes:
             raise ValueError(f"pad_code must be n_codes ({self.n_codes}), got {self.pad_code}")
 

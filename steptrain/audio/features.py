@@ -83,9 +83,13 @@ def _power_mel(x: torch.Tensor, n_mels: int) -> torch.Tensor:
     if x.shape[-1] <= N_FFT // 2:
         # torch.stft's reflect padding needs more than n_fft // 2 samples; zeros to the right change
         # nothing about the frames we keep except through the reflection, so fail loudly instead.
-        raise ValueError(f"audio too short for the STFT: {x.shape[-1]} samples after padding (need > {N_FFT // 2})")
+        raise ValueError(
+            f"audio too short for the STFT: {x.shape[-1]} samples after padding (need > {N_FFT // 2})"
+        )
     window = torch.hann_window(N_FFT, device=x.device)
-    spec = torch.stft(x, N_FFT, HOP_LENGTH, window=window, center=True, pad_mode="reflect", return_complex=True)
+    spec = torch.stft(
+        x, N_FFT, HOP_LENGTH, window=window, center=True, pad_mode="reflect", return_complex=True
+    )
     power = (spec[..., :-1].abs() ** 2).contiguous()
     mel = mel_filters(n_mels, x.device) @ power
     return torch.clamp(mel, min=1e-10).log10()
@@ -95,7 +99,9 @@ def log_mel(audio: np.ndarray | torch.Tensor, n_mels: int = 128, padding: int = 
     """16 kHz mono audio [samples] -> normalised log-mel [n_mels, num_frames(samples, padding)]."""
     x = _as_tensor(audio)
     if x.ndim != 1:
-        raise ValueError(f"log_mel expects 1-D audio [samples], got shape {tuple(x.shape)}; use log_mel_batch")
+        raise ValueError(
+            f"log_mel expects 1-D audio [samples], got shape {tuple(x.shape)}; use log_mel_batch"
+        )
     if x.shape[0] == 0:
         raise ValueError("log_mel got empty audio")
     if padding > 0:
@@ -118,7 +124,9 @@ def log_mel_batch(
     xs = [_as_tensor(a) for a in audios]
     for i, x in enumerate(xs):
         if x.ndim != 1 or x.shape[0] == 0:
-            raise ValueError(f"log_mel_batch item {i}: expected non-empty 1-D audio, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"log_mel_batch item {i}: expected non-empty 1-D audio, got shape {tuple(x.shape)}"
+            )
     lengths = torch.tensor([num_frames(x.shape[0], padding) for x in xs], dtype=torch.long)
     total = max(x.shape[0] for x in xs) + padding
     batch = torch.zeros(len(xs), total, dtype=torch.float32, device=xs[0].device)

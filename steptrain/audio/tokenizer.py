@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from .codes import interleave_dual
 from .features import SAMPLE_RATE, log_mel, num_frames
 from .io import resample
 
@@ -135,7 +136,9 @@ class KMeansAudioTokenizer:
         return _sq_dists(f, self.centroids).argmin(1).tolist()
 
     def decode(self, codes: list[int]) -> np.ndarray:
-        raise NotImplementedError("KMeansAudioTokenizer cannot decode codes to audio (it is an analysis-only tokenizer)")
+        raise NotImplementedError(
+            "KMeansAudioTokenizer cannot decode codes to audio (it is an analysis-only tokenizer)"
+        )
 
     def save(self, directory: str | os.PathLike) -> Path:
         from safetensors.torch import save_file
@@ -169,10 +172,17 @@ class KMeansAudioTokenizer:
         cfg = json.loads(cfg_path.read_text())
         if cfg.get("type") != "kmeans":
             raise AudioTokenizerError(f"{cfg_path}: type is {cfg.get('type')!r}, expected 'kmeans'")
-        tok = cls(n_codes=cfg["n_codes"], n_mels=cfg["n_mels"], n_iter=cfg.get("n_iter", 25), seed=cfg.get("seed", 0))
+        tok = cls(
+            n_codes=cfg["n_codes"],
+            n_mels=cfg["n_mels"],
+            n_iter=cfg.get("n_iter", 25),
+            seed=cfg.get("seed", 0),
+        )
         c = load_file(str(w_path))["centroids"]
         if tuple(c.shape) != (tok.n_codes, tok.n_mels):
-            raise AudioTokenizerError(f"{w_path}: centroids shape {tuple(c.shape)} != ({tok.n_codes}, {tok.n_mels})")
+            raise AudioTokenizerError(
+                f"{w_path}: centroids shape {tuple(c.shape)} != ({tok.n_codes}, {tok.n_mels})"
+            )
         tok.centroids = c.to(torch.float32)
         return tok
 
@@ -181,7 +191,9 @@ def _require_module(module: str, purpose: str, hint: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise AudioTokenizerError(f"{purpose} needs the Python package '{module}', which is not installed ({hint})") from e
+        raise AudioTokenizerError(
+            f"{purpose} needs the Python package '{module}', which is not installed ({hint})"
+        ) from e
 
 
 class CosyVoice2Tokenizer:
@@ -215,7 +227,9 @@ class CosyVoice2Tokenizer:
         return [int(v) for v in np.asarray(out).reshape(-1)]
 
     def decode(self, codes: list[int]) -> np.ndarray:
-        raise NotImplementedError("cosyvoice2 adapter: decoding needs CosyVoice2's flow-matching decoder + vocoder")
+        raise NotImplementedError(
+            "cosyvoice2 adapter: decoding needs CosyVoice2's flow-matching decoder + vocoder"
+        )
 
 
 class StepAudioTokenizer:
@@ -242,22 +256,39 @@ class StepAudioTokenizer:
                 "StepAudioTokenizer; put the Step-Audio repository first on PYTHONPATH"
             )
         if not d.is_dir():
-            raise AudioTokenizerError(f"stepaudio audio tokenizer: weights directory {d} not found (Step-Audio-Tokenizer)")
+            raise AudioTokenizerError(
+                f"stepaudio audio tokenizer: weights directory {d} not found (Step-Audio-Tokenizer)"
+            )
         self.impl = mod.StepAudioTokenizer(str(d))
 
     def encode(self, audio: np.ndarray, sr: int) -> list[int]:
-        out = self.impl.wav2token(torch.as_tensor(np.asarray(audio, dtype=np.float32))[None], sr)
-        codes = out[1] if isinstance(out, tuple) else out
-        return [int(v) for v in codes]
+        """Dual-codebook codes 0..5119 (``interleave_dual`` of the codec's vq02 / vq06 streams).
+
+        Step-Audio's ``wav2token(audio [channels, samples] tensor, sample_rate)`` returns
+        ``(speech_tokens, vq02, vq06)``; we re-interleave vq02 / vq06 ourselves.
+        """
+        wav = torch.as_tensor(np.asarray(audio, dtype=np.float32))
+        if wav.ndim == 1:
+            wav = wav[None]
+        _, vq02, vq06 = self.impl.wav2token(wav, sr)
+        return interleave_dual([int(v) for v in vq02], [int(v) for v in vq06])
 
     def decode(self, codes: list[int]) -> np.ndarray:
-        raise NotImplementedError("stepaudio adapter: decoding needs Step-Audio-TTS's flow-matching decoder + vocoder")
+        raise NotImplementedError(
+            "stepaudio adapter: decoding needs Step-Audio-TTS's flow-matching decoder + vocoder"
+        )
 
 
 def load_audio_tokenizer(spec: str) -> AudioTokenizer:
     """'kmeans:DIR' -> KMeansAudioTokenizer.load(DIR); 'cosyvoice2:DIR' / 'stepaudio:DIR' -> codec adapters."""
     kind, sep, directory = spec.partition(":")
-    kinds = {"kmeans": KMeansAudioTokenizer.load, "cosyvoice2": CosyVoice2Tokenizer, "stepaudio": StepAudioTokenizer}
+    kinds = {
+        "kmeans": KMeansAudioTokenizer.load,
+        "cosyvoice2": CosyVoice2Tokenizer,
+        "stepaudio": StepAudioTokenizer,
+    }
     if not sep or not directory or kind not in kinds:
-        raise AudioTokenizerError(f"bad audio tokenizer spec {spec!r}: expected one of {sorted(kinds)} as 'KIND:DIR'")
+        raise AudioTokenizerError(
+            f"bad audio tokenizer spec {spec!r}: expected one of {sorted(kinds)} as 'KIND:DIR'"
+        )
     return kinds[kind](directory)

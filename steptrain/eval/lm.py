@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from steptrain.data import collate, plan_epoch, row_messages
+from steptrain.eval.asr import error_rates
 from steptrain.models.forward import lm_logits
 from steptrain.objectives import lm_loss_sum
 from steptrain.rollout import generate_greedy
@@ -35,8 +36,11 @@ def evaluate_loss(engine, examples, *, batch_size: int, max_length: int, pad_id:
     return {"eval/loss": totals[0].item() / n, "eval/token_acc": totals[2].item() / n}
 
 
-def exact_match(engine, tokenizer, template, rows: list[dict], *, max_new_tokens: int) -> dict:
-    """Greedy-decode the last assistant reply of each row from its preceding turns; fraction exactly right."""
+def generation_metrics(engine, tokenizer, template, rows: list[dict], *, max_new_tokens: int) -> dict:
+    """Greedy-decode the last assistant reply of each row from its preceding turns.
+
+    Reports exact match (fraction of replies exactly right) and corpus CER/WER, gathered over ranks.
+    """
     mine = rows[engine.rank :: engine.world_size]
     prompts, refs = [], []
     for row in mine:
@@ -45,6 +49,18 @@ def exact_match(engine, tokenizer, template, rows: list[dict], *, max_new_tokens
         prompts.append(template.generation_prompt(messages[:last]))
         refs.append(messages[last]["content"].strip())
     preds = generate_greedy(engine.module, tokenizer, prompts, max_new_tokens=max_new_tokens) if prompts else []
-    hits = torch.tensor([float(sum(p == r for p, r in zip(preds, refs, strict=True))), float(len(refs))])
-    engine.all_reduce(hits)
-    return {"eval/exact_match": hits[0].item() / max(hits[1].item(), 1.0), "eval/generated": int(hits[1].item())}
+    preds, refs = _gather_pairs(engine, preds, refs)
+    hits = sum(p == r for p, r in zip(preds, refs, strict=True))
+    rates = {f"eval/{k}": v for k, v in error_rates(preds, refs).items()}
+    return {"eval/exact_match": hits / max(len(refs), 1), **rates, "eval/generated": len(refs)}
+
+
+def _gather_pairs(engine, preds: list[str], refs: list[str]):
+    """All ranks' (predictions, references); error rates are corpus-level, so the strings are needed."""
+    if engine.world_size == 1:
+        return preds, refs
+    import torch.distributed as dist
+
+    everything: list = [None] * engine.world_size
+    dist.all_gather_object(everything, (preds, refs))
+    return [p for ps, _ in everything for p in ps], [r for _, rs in everything for r in rs]

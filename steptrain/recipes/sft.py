@@ -33,7 +33,7 @@ from steptrain.config import ConfigError
 from steptrain.data import build_template, collate, load_sft_data, plan_epoch, read_rows
 from steptrain.engines import build_engine
 from steptrain.engines.optim import param_groups
-from steptrain.eval import evaluate_loss, exact_match
+from steptrain.eval import evaluate_loss, generation_metrics
 from steptrain.logging import MetricsLogger
 from steptrain.models.forward import lm_logits
 from steptrain.models.loader import load_model, load_tokenizer
@@ -163,7 +163,7 @@ def _train(cfg, engine) -> dict:
             pad_id=pad_id, max_batches=cfg.trainer.eval_batches,
         )
         if cfg.trainer.generate_eval:
-            metrics |= exact_match(
+            metrics |= generation_metrics(
                 engine, tokenizer, template, eval_rows[: cfg.trainer.generate_eval],
                 max_new_tokens=cfg.trainer.max_new_tokens,
             )

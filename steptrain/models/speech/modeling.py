@@ -11,11 +11,13 @@ equal the convs' own zero padding), and encoder self-attention masks padded keys
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -171,7 +173,11 @@ class WhisperStyleEncoder(nn.Module):
             key_mask = None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, key_mask, use_reentrant=False)
+                # set by PreTrainedModel.activation_checkpointing_enable / gradient_checkpointing_enable
+                ckpt = getattr(self, "_gradient_checkpointing_func", None) or functools.partial(
+                    torch.utils.checkpoint.checkpoint, use_reentrant=False
+                )
+                x = ckpt(layer, x, key_mask)
             else:
                 x = layer(x, key_mask)
         x = self.avg_pooler(x.transpose(1, 2)).transpose(1, 2)
@@ -259,17 +265,6 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         out = self.llm.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         self.config.llm_config.vocab_size = out.weight.shape[0]
         return out
-
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
-        self.audio_encoder.gradient_checkpointing = enable
-        if enable:
-            kwargs = {"use_reentrant": False}
-            if hasattr(self.llm, "activation_checkpointing_enable"):
-                self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        elif hasattr(self.llm, "gradient_checkpointing_disable"):
-            self.llm.gradient_checkpointing_disable()
 
     # --- audio ----------------------------------------------------------------------------------
     def encode_audio(self, audio_features: torch.Tensor, audio_lengths: torch.Tensor | None = None):
