@@ -226,3 +226,31 @@ def test_codec_adapters_missing(tmp_path, monkeypatch):
         match="stepaudio audio tokenizer needs the Python package 'stepaudio_tokenizer_absent_pkg'",
     ):
         load_audio_tokenizer(f"stepaudio:{tmp_path}")
+
+
+def test_stepaudio_adapter_wiring(tmp_path, monkeypatch):
+    """A stand-in for Step-Audio's tokenizer module: wav2token -> (tokens, vq02, vq06)."""
+    import sys
+    import types
+
+    from steptrain.audio.tokenizer import AudioTokenizerError, StepAudioTokenizer, load_audio_tokenizer
+
+    calls = {}
+
+    class FakeStepAudioTokenizer:
+        def __init__(self, path):
+            calls["path"] = path
+
+        def wav2token(self, wav, sr):
+            calls["shape"], calls["sr"] = tuple(wav.shape), sr
+            return "<audio_...>", [1, 2, 3, 4], [5, 6, 7, 8, 9, 10]
+
+    fake = types.ModuleType("fake_stepaudio_tokenizer")
+    fake.StepAudioTokenizer = FakeStepAudioTokenizer
+    monkeypatch.setitem(sys.modules, "fake_stepaudio_tokenizer", fake)
+    monkeypatch.setattr(StepAudioTokenizer, "MODULE", "fake_stepaudio_tokenizer")
+    tok = load_audio_tokenizer(f"stepaudio:{tmp_path}")
+    assert tok.encode(np.zeros(1600, np.float32), 16000) == [1, 2, 1029, 1030, 1031, 3, 4, 1032, 1033, 1034]
+    assert calls == {"path": str(tmp_path), "shape": (1, 1600), "sr": 16000}
+    with pytest.raises(AudioTokenizerError, match="weights directory .*missing not found"):
+        load_audio_tokenizer(f"stepaudio:{tmp_path / 'missing'}")

@@ -26,7 +26,7 @@ def _signal(n: int, seed: int = 0, freq: float = 440.0) -> np.ndarray:
     return (0.1 * rng.standard_normal(n) + 0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
-LENGTHS = [401, 1000, 16000, 16001, 16159, 37777, 80000]
+LENGTHS = [401, 1000, 16000, 16001, 16159, 37777, 80000, 480000 - 479]
 
 
 @pytest.mark.parametrize("n", LENGTHS)

@@ -52,7 +52,11 @@ def make_batch(lengths=(50, 31), t_max=None, seed=1):
     g = torch.Generator().manual_seed(seed)
     t_max = t_max or max(lengths)
     feats = torch.randn(len(lengths), 128, t_max, generator=g)
-    rows = [audio_row(lengths[0]), audio_row(lengths[1], prefix=(9, 10, 11), suffix=(12,)), list(range(20, 30))]
+    rows = [
+        audio_row(lengths[0]),
+        audio_row(lengths[1], prefix=(9, 10, 11), suffix=(12,)),
+        list(range(20, 30)),
+    ]
     width = max(map(len, rows))
     ids = torch.full((3, width), PAD)
     mask = torch.zeros(3, width, dtype=torch.long)
@@ -152,7 +156,9 @@ def test_freeze_encoder_grads():
     m = SpeechLMForCausalLM(tiny_config()).train()
     assert not any(p.requires_grad for p in m.audio_encoder.parameters())
     ids, mask, feats, lens = make_batch()
-    m(input_ids=ids, attention_mask=mask, audio_features=feats, audio_lengths=lens, labels=ids).loss.backward()
+    m(
+        input_ids=ids, attention_mask=mask, audio_features=feats, audio_lengths=lens, labels=ids
+    ).loss.backward()
     g = _grads(m)
     assert all(v is None for k, v in g.items() if k.startswith("audio_encoder."))
     assert all(v is not None and v.abs().sum() > 0 for k, v in g.items() if k.startswith("audio_adapter."))
@@ -191,7 +197,9 @@ def test_gradient_checkpointing_runs():
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     assert m.audio_encoder.gradient_checkpointing
     ids, mask, feats, lens = make_batch()
-    m(input_ids=ids, attention_mask=mask, audio_features=feats, audio_lengths=lens, labels=ids).loss.backward()
+    m(
+        input_ids=ids, attention_mask=mask, audio_features=feats, audio_lengths=lens, labels=ids
+    ).loss.backward()
     assert m.audio_encoder.conv1.weight.grad is not None
 
 
@@ -236,14 +244,25 @@ def test_generate_batched_left_padded(model):
         am[i, width - len(r) :] = 1
     with torch.no_grad():
         gen = model.generate(
-            batch, attention_mask=am, audio_features=feats, audio_lengths=lens,
-            max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=PAD,
+            batch,
+            attention_mask=am,
+            audio_features=feats,
+            audio_lengths=lens,
+            max_new_tokens=4,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=PAD,
         )
         for i, r in enumerate(rows):
             single = model.generate(
-                r[None], attention_mask=torch.ones(1, len(r), dtype=torch.long),
-                audio_features=feats[i : i + 1, :, : int(lens[i])], audio_lengths=lens[i : i + 1],
-                max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=PAD,
+                r[None],
+                attention_mask=torch.ones(1, len(r), dtype=torch.long),
+                audio_features=feats[i : i + 1, :, : int(lens[i])],
+                audio_lengths=lens[i : i + 1],
+                max_new_tokens=4,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=PAD,
             )
             assert torch.equal(gen[i, width:], single[0, len(r) :])
 
@@ -255,7 +274,9 @@ def test_from_parts_with_saved_qwen2_and_encoder(model, tmp_path):
     torch.manual_seed(3)
     llm = Qwen2ForCausalLM(preset_config("tiny", vocab_size=V, eos_token_id=EOS, pad_token_id=PAD)).eval()
     llm.save_pretrained(tmp_path / "llm")
-    fresh = SpeechLMForCausalLM.from_parts(str(tmp_path / "llm"), None, **IDS).eval()
+    enc_cfg = model.config.encoder_config.to_dict()
+    fresh = SpeechLMForCausalLM.from_parts(str(tmp_path / "llm"), None, encoder_config=enc_cfg, **IDS).eval()
+    assert fresh.config.encoder_config.d_model == 64
     ids, mask, feats, lens = make_batch()
     text = torch.randint(3, 290, (2, 7))
     with torch.no_grad():

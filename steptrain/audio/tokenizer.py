@@ -51,12 +51,23 @@ def _sq_dists(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return (x.pow(2).sum(1, keepdim=True) - 2 * x @ c.T + c.pow(2).sum(1)[None, :]).clamp_min_(0)
 
 
+def _assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid and its squared distance per row, in row chunks (bounded memory)."""
+    idx, dist = [], []
+    for i in range(0, x.shape[0], chunk):
+        d, j = _sq_dists(x[i : i + chunk], c).min(1)
+        idx.append(j)
+        dist.append(d)
+    return torch.cat(idx), torch.cat(dist)
+
+
 def kmeans(x: torch.Tensor, k: int, n_iter: int = 25, seed: int = 0) -> torch.Tensor:
     """k-means++ initialisation + Lloyd iterations on x [N, D]; returns centroids [k, D] (float32).
 
-    Deterministic for a given seed. An empty cluster is re-seeded with the point farthest from its centroid.
+    Runs on CPU; deterministic for a given seed. An empty cluster is re-seeded with the point farthest
+    from its centroid. Lloyd stops early when the centroids no longer change.
     """
-    x = x.to(torch.float32)
+    x = x.detach().to("cpu", torch.float32)
     n = x.shape[0]
     if n < k:
         raise ValueError(f"k-means needs at least k={k} feature frames, got {n}")
@@ -73,14 +84,12 @@ def kmeans(x: torch.Tensor, k: int, n_iter: int = 25, seed: int = 0) -> torch.Te
         centroids[i] = x[idx]
         d2 = torch.minimum(d2, _sq_dists(x, centroids[i : i + 1]).squeeze(1))
     for _ in range(n_iter):
-        dist = _sq_dists(x, centroids)
-        assign = dist.argmin(1)
+        assign, far = _assign(x, centroids)
         counts = torch.bincount(assign, minlength=k)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
         new = sums / counts.clamp_min(1)[:, None].to(x.dtype)
         empty = counts == 0
         if empty.any():
-            far = dist.gather(1, assign[:, None]).squeeze(1)
             for ci in torch.nonzero(empty).flatten().tolist():
                 j = int(far.argmax())
                 new[ci] = x[j]
@@ -100,13 +109,21 @@ class KMeansAudioTokenizer:
 
     FRAMES_PER_CODE = 4  # 100 Hz log-mel -> 25 Hz codes
 
-    def __init__(self, n_codes: int = 256, n_mels: int = 128, n_iter: int = 25, seed: int = 0):
+    def __init__(
+        self,
+        n_codes: int = 256,
+        n_mels: int = 128,
+        n_iter: int = 25,
+        seed: int = 0,
+        max_fit_frames: int = 200_000,
+    ):
         if n_codes <= 0:
             raise ValueError(f"n_codes must be positive, got {n_codes}")
         self.n_codes = int(n_codes)
         self.n_mels = int(n_mels)
         self.n_iter = int(n_iter)
         self.seed = int(seed)
+        self.max_fit_frames = int(max_fit_frames)
         self.rate_hz = SAMPLE_RATE / 160 / self.FRAMES_PER_CODE
         self.centroids: torch.Tensor | None = None
 
@@ -124,16 +141,19 @@ class KMeansAudioTokenizer:
     def fit(self, audios: list[np.ndarray], sr: int) -> KMeansAudioTokenizer:
         feats = [self.features(a, sr) for a in audios]
         x = torch.cat([f for f in feats if f.shape[0]], dim=0) if feats else torch.empty(0, self.n_mels)
+        if x.shape[0] > self.max_fit_frames:  # seeded subsample keeps fitting time and memory bounded
+            g = torch.Generator().manual_seed(self.seed)
+            x = x[torch.randperm(x.shape[0], generator=g)[: self.max_fit_frames]]
         self.centroids = kmeans(x, self.n_codes, n_iter=self.n_iter, seed=self.seed)
         return self
 
     def encode(self, audio: np.ndarray, sr: int) -> list[int]:
         if self.centroids is None:
             raise RuntimeError("KMeansAudioTokenizer is not fitted: call fit() or load() first")
-        f = self.features(audio, sr)
+        f = self.features(audio, sr).cpu()
         if f.shape[0] == 0:
             return []
-        return _sq_dists(f, self.centroids).argmin(1).tolist()
+        return _assign(f, self.centroids)[0].tolist()
 
     def decode(self, codes: list[int]) -> np.ndarray:
         raise NotImplementedError(

@@ -22,7 +22,9 @@ class RecipeConfig:
 class ModelConfig:
     path: str | None = None  # HF-format model directory (AutoModelForCausalLM)
     preset: str | None = None  # or a tiny architecture from steptrain.models.presets (random init)
-    tokenizer_path: str | None = None  # defaults to `path`; required with `preset`
+    llm_path: str | None = None  # speech model assembled from an HF causal LM directory ...
+    encoder_path: str | None = None  # ... plus a saved encoder+adapter (fresh when unset)
+    tokenizer_path: str | None = None  # defaults to `path` (or `llm_path`); required with `preset`
     trust_remote_code: bool = False
     dtype: str = "float32"  # weights dtype on load: float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
@@ -44,6 +46,7 @@ class DataConfig:
     shuffle: bool = True
     on_error: str = "error"  # error: stop at the first bad row | skip: skip it and count it
     eval_fraction: float = 0.0  # hold out this fraction of train rows when eval_files is empty
+    max_audio_seconds: float = 600.0  # longer clips are bad rows (cut into 25 s chunks below this)
 
 
 @dataclass

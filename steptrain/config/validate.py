@@ -36,12 +36,16 @@ def validate(cfg: DictConfig) -> None:
         fail("output_dir is required (output_dir=DIR)")
 
     m = cfg.model
-    if bool(m.path) == bool(m.preset):
-        fail("set exactly one of model.path (HF model directory) or model.preset (tiny architecture)")
+    if sum(bool(x) for x in (m.path, m.preset, m.llm_path)) != 1:
+        fail("set exactly one of model.path (HF model directory), model.preset (tiny architecture) or "
+             "model.llm_path (speech model from an LLM directory)")
     if m.preset and not m.tokenizer_path:
         fail("model.preset needs model.tokenizer_path (a tokenizer directory)")
-    if m.path and not Path(m.path).is_dir():
-        fail(f"model.path={m.path!r} is not a directory")
+    if m.encoder_path and not m.llm_path:
+        fail("model.encoder_path goes with model.llm_path (a speech model assembled from parts)")
+    for key in ("path", "llm_path", "encoder_path"):
+        if m[key] and not Path(m[key]).is_dir():
+            fail(f"model.{key}={m[key]!r} is not a directory")
 
     d = cfg.data
     if not d.train_files:

@@ -108,6 +108,15 @@ def _pack_in_order(order: np.ndarray, lens: np.ndarray, max_length: int) -> list
     return rows
 
 
+def pad_clip_features(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, n_mels, T_max] zero-padded features and [n] frame counts, in the given order."""
+    lengths = torch.tensor([f.shape[-1] for f in feats], dtype=torch.long)
+    out = torch.zeros(len(feats), feats[0].shape[0], int(lengths.max()), dtype=feats[0].dtype)
+    for k, f in enumerate(feats):
+        out[k, :, : f.shape[-1]] = f
+    return out, lengths
+
+
 def collate(
     rows: list[list[int]],
     examples: list[Encoded],
@@ -156,10 +165,6 @@ def collate(
     if clips:
         if audio_features is None:
             raise ValueError("the batch has audio clips but collate got no audio_features function")
-        feats = [audio_features(clip) for clip in clips]
-        lengths = torch.tensor([f.shape[-1] for f in feats], dtype=torch.long)
-        out = torch.zeros(len(feats), feats[0].shape[0], int(lengths.max()), dtype=feats[0].dtype)
-        for k, f in enumerate(feats):
-            out[k, :, : f.shape[-1]] = f
+        out, lengths = pad_clip_features([audio_features(clip) for clip in clips])
         batch |= {"audio_features": out, "audio_lengths": lengths}
     return batch

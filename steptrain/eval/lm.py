@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from steptrain.data import collate, plan_epoch, row_messages
+from steptrain.data import AudioSpec, Segment, collate, plan_epoch, row_messages
+from steptrain.data.audio_spans import audio_paths, clip_tokens
+from steptrain.data.encode import tokenize_with_audio
 from steptrain.eval.asr import error_rates
 from steptrain.models.forward import lm_logits
 from steptrain.objectives import lm_loss_sum
@@ -12,7 +14,9 @@ from steptrain.rollout import generate_greedy
 
 
 @torch.no_grad()
-def evaluate_loss(engine, examples, *, batch_size: int, max_length: int, pad_id: int, max_batches: int = 0) -> dict:
+def evaluate_loss(
+    engine, examples, *, batch_size: int, max_length: int, pad_id: int, max_batches: int = 0, audio_features=None
+) -> dict:
     """Token-mean loss and next-token accuracy over ``examples``, sharded over ranks and reduced."""
     model = engine.module
     was_training = model.training
@@ -25,7 +29,7 @@ def evaluate_loss(engine, examples, *, batch_size: int, max_length: int, pad_id:
         plan = plan[:max_batches]
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, label tokens, correct
     for rows in plan[engine.rank :: engine.world_size]:
-        batch = {k: v.to(engine.device) for k, v in collate(rows, examples, pad_id=pad_id, packing=False).items() if v is not None}
+        batch = {k: v.to(engine.device) for k, v in collate(rows, examples, pad_id=pad_id, packing=False, audio_features=audio_features).items() if v is not None}
         with engine.autocast():
             logits = lm_logits(model, batch)
         loss, m = lm_loss_sum(logits, batch["labels"])
@@ -36,19 +40,36 @@ def evaluate_loss(engine, examples, *, batch_size: int, max_length: int, pad_id:
     return {"eval/loss": totals[0].item() / n, "eval/token_acc": totals[2].item() / n}
 
 
-def generation_metrics(engine, tokenizer, template, rows: list[dict], *, max_new_tokens: int) -> dict:
+def generation_metrics(
+    engine, tokenizer, template, rows: list[dict], *, max_new_tokens: int, audio: AudioSpec | None = None,
+    audio_features=None,
+) -> dict:
     """Greedy-decode the last assistant reply of each row from its preceding turns.
 
     Reports exact match (fraction of replies exactly right) and corpus CER/WER, gathered over ranks.
+    With ``audio`` (a speech model), the prompt's ``<audio>`` tags become placeholder spans and the
+    clips' features (``audio_features(clip)``) go to the model with it.
     """
     mine = rows[engine.rank :: engine.world_size]
-    prompts, refs = [], []
-    for row in mine:
+    prompts, refs, clips = [], [], []
+    for n, row in enumerate(mine):
         messages = row_messages(row)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        prompts.append(template.generation_prompt(messages[:last]))
+        text = template.generation_prompt(messages[:last])
         refs.append(messages[last]["content"].strip())
-    preds = generate_greedy(engine.module, tokenizer, prompts, max_new_tokens=max_new_tokens) if prompts else []
+        if audio is None:
+            prompts.append(text)
+            continue
+        source = row.get("_source", f"row {n}")
+        spans = (clip_tokens(path, audio) for path in audio_paths(row, source))
+        ids, _, row_clips, _ = tokenize_with_audio([Segment(text, False)], tokenizer, spans)
+        prompts.append(ids)
+        clips.append([audio_features(c) for c in row_clips])
+    preds = (
+        generate_greedy(engine.module, tokenizer, prompts, max_new_tokens=max_new_tokens, audio=clips or None)
+        if prompts
+        else []
+    )
     preds, refs = _gather_pairs(engine, preds, refs)
     hits = sum(p == r for p, r in zip(preds, refs, strict=True))
     rates = {f"eval/{k}": v for k, v in error_rates(preds, refs).items()}

@@ -16,23 +16,63 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+SPEECH_TOKENS = ("<audio_start>", "<audio_end>", "<audio_patch>")
+
+
+def is_speech_config(model_cfg) -> bool:
+    """Whether the config describes an encoder + adapter + LLM speech model."""
+    if model_cfg.llm_path:
+        return True
+    if model_cfg.preset:
+        from steptrain.models.speech import SPEECH_PRESETS
+
+        return model_cfg.preset in SPEECH_PRESETS
+    import json
+    from pathlib import Path
+
+    config = Path(model_cfg.path) / "config.json"
+    return config.exists() and json.loads(config.read_text()).get("model_type") == "steptrain_speech_lm"
+
+
 def load_tokenizer(model_cfg) -> PreTrainedTokenizerBase:
-    path = model_cfg.tokenizer_path or model_cfg.path
+    path = model_cfg.tokenizer_path or model_cfg.path or model_cfg.llm_path
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     if tok.pad_token_id is None:
         # Padding positions never carry loss, so any id works; EOS is the conventional choice.
         tok.pad_token = tok.eos_token or tok.unk_token
+    if is_speech_config(model_cfg):
+        missing = [t for t in SPEECH_TOKENS if t not in tok.get_vocab()]
+        if missing:  # a text tokenizer becoming a speech one: the model's embeddings grow to match
+            tok.add_tokens(list(missing), special_tokens=True)
     return tok
+
+
+def speech_token_ids(tokenizer) -> dict[str, int]:
+    return {f"{t.strip('<>')}_id": tokenizer.convert_tokens_to_ids(t) for t in SPEECH_TOKENS}
 
 
 def load_model(model_cfg, tokenizer) -> tuple[PreTrainedModel, list[int]]:
     """The model, plus the ids of tokens that were added to its vocabulary (their rows are new)."""
-    if model_cfg.preset:
+    speech = is_speech_config(model_cfg)
+    if speech:
+        import steptrain.models.speech  # noqa: F401 - registers the speech model with the Auto classes
+    if model_cfg.preset and speech:
+        from steptrain.models.speech import build_speech_preset
+
+        model = build_speech_preset(model_cfg.preset, tokenizer, **speech_token_ids(tokenizer))
+        model.to(DTYPES[model_cfg.dtype])
+    elif model_cfg.preset:
         from steptrain.models.presets import build_preset
 
         model = build_preset(model_cfg.preset, tokenizer)
         model.to(DTYPES[model_cfg.dtype])
         model.config._attn_implementation = model_cfg.attn_implementation
+    elif model_cfg.llm_path:
+        from steptrain.models.speech import SpeechLMForCausalLM
+
+        model = SpeechLMForCausalLM.from_parts(
+            model_cfg.llm_path, model_cfg.encoder_path, dtype=DTYPES[model_cfg.dtype], **speech_token_ids(tokenizer)
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(
             model_cfg.path,

@@ -36,9 +36,10 @@ from steptrain.engines.optim import param_groups
 from steptrain.eval import evaluate_loss, generation_metrics
 from steptrain.logging import MetricsLogger
 from steptrain.models.forward import lm_logits
-from steptrain.models.loader import load_model, load_tokenizer
+from steptrain.models.loader import is_speech_config, load_model, load_tokenizer
 from steptrain.models.lora import apply_lora, count_parameters
 from steptrain.objectives import lm_loss_sum
+from steptrain.recipes.audio_inputs import clip_features, speech_audio_spec
 
 log = logging.getLogger("steptrain")
 
@@ -113,9 +114,11 @@ def _train(cfg, engine) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     train_rows, skipped = read_rows(list(cfg.data.train_files), on_error=cfg.data.on_error)
     train_rows, eval_rows = split_eval(cfg, train_rows)
-    train = load_sft_data(train_rows, tokenizer, cfg.data)
+    audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
+    features = clip_features if audio else None
+    train = load_sft_data(train_rows, tokenizer, cfg.data, audio=audio)
     train.stats["skipped"] = {**skipped, **train.stats["skipped"]}
-    evalset = load_sft_data(eval_rows, tokenizer, cfg.data) if eval_rows else None
+    evalset = load_sft_data(eval_rows, tokenizer, cfg.data, audio=audio) if eval_rows else None
     if engine.is_main:
         log.info("train data: %s", train.stats)
         if evalset:
@@ -160,12 +163,12 @@ def _train(cfg, engine) -> dict:
             return {}
         metrics = evaluate_loss(
             engine, evalset.examples, batch_size=cfg.trainer.batch_size, max_length=cfg.data.max_length,
-            pad_id=pad_id, max_batches=cfg.trainer.eval_batches,
+            pad_id=pad_id, max_batches=cfg.trainer.eval_batches, audio_features=features,
         )
         if cfg.trainer.generate_eval:
             metrics |= generation_metrics(
                 engine, tokenizer, template, eval_rows[: cfg.trainer.generate_eval],
-                max_new_tokens=cfg.trainer.max_new_tokens,
+                max_new_tokens=cfg.trainer.max_new_tokens, audio=audio, audio_features=features,
             )
         logger.log({"step": state["step"], **metrics})
         return metrics
@@ -192,7 +195,10 @@ def _train(cfg, engine) -> dict:
             t0 = time.perf_counter()
             plan = plans.plan(state["epoch"])
             mine = [plan[state["cursor"] + j * engine.world_size + engine.rank] for j in range(cfg.trainer.grad_accum)]
-            batches = [collate(rows, train.examples, pad_id=pad_id, packing=cfg.data.packing) for rows in mine]
+            batches = [
+                collate(rows, train.examples, pad_id=pad_id, packing=cfg.data.packing, audio_features=features)
+                for rows in mine
+            ]
             n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             n_global = engine.all_reduce(torch.tensor([float(n_local)]))[0].item()
             totals = torch.zeros(4, dtype=torch.float64)  # loss sum, label tokens, correct, input tokens

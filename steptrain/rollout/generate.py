@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import torch
 
+from steptrain.data.batching import pad_clip_features
+
 
 @torch.no_grad()
-def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Decode each prompt greedily; returns the generated text only (special tokens removed)."""
+def generate_greedy(
+    model,
+    tokenizer,
+    prompts: list[str] | list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    audio: list[list[torch.Tensor]] | None = None,
+) -> list[str]:
+    """Decode each prompt greedily; returns the generated text only (special tokens removed).
+
+    ``prompts`` are texts or token ids. For a speech model, ``audio[i]`` holds the log-mel features of
+    the clips whose placeholder spans prompt ``i`` contains, in order.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -16,13 +30,19 @@ def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int
     outputs: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i : i + batch_size]]
+            chunk = prompts[i : i + batch_size]
+            encoded = [p if isinstance(p, list) else tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
             width = max(len(e) for e in encoded)
             ids = torch.full((len(encoded), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for row, e in enumerate(encoded):
                 ids[row, width - len(e) :] = torch.tensor(e)
                 mask[row, width - len(e) :] = 1
+            extra = {}
+            clips = [f for clips in (audio[i : i + batch_size] if audio else []) for f in clips]
+            if clips:
+                feats, lengths = pad_clip_features(clips)
+                extra = {"audio_features": feats.to(device), "audio_lengths": lengths.to(device)}
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -31,6 +51,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], *, max_new_tokens: int
                 eos_token_id=eos,
                 pad_token_id=pad,
                 use_cache=True,
+                **extra,
             )
             for row in out[:, width:]:
                 outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())

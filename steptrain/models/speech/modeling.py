@@ -17,8 +17,8 @@ import math
 import os
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
@@ -238,12 +238,18 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
     (:class:`AudioAdapter`), ``llm`` (``AutoModelForCausalLM.from_config(config.llm_config)``).
     """
 
-    def __init__(self, config: SpeechLMConfig):
+    def __init__(self, config: SpeechLMConfig, llm: PreTrainedModel | None = None):
+        """``llm``: an already built (e.g. loaded) causal LM to use instead of a random one; its
+        weights are left untouched and its config becomes ``config.llm_config``."""
         super().__init__(config)
         enc = config.encoder_config
+        if llm is not None:
+            config.llm_config = llm.config
+            for module in llm.modules():  # post_init must not re-initialise loaded weights
+                module._is_hf_initialized = True
         self.audio_encoder = WhisperStyleEncoder(enc)
         self.audio_adapter = AudioAdapter(enc.d_model, enc.adapter_hidden, config.llm_config.hidden_size)
-        self.llm = AutoModelForCausalLM.from_config(config.llm_config)
+        self.llm = llm if llm is not None else AutoModelForCausalLM.from_config(config.llm_config)
         self.post_init()
         if config.freeze_encoder:
             self.audio_encoder.requires_grad_(False)
@@ -271,7 +277,10 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         """Adapter outputs [n_clips, P_max, llm_hidden] and the valid patch count of each clip."""
         if audio_lengths is None:
             audio_lengths = torch.full(
-                (audio_features.shape[0],), audio_features.shape[-1], dtype=torch.long, device=audio_features.device
+                (audio_features.shape[0],),
+                audio_features.shape[-1],
+                dtype=torch.long,
+                device=audio_features.device,
             )
         param = next(self.audio_encoder.parameters())
         feats = audio_features.to(device=param.device, dtype=param.dtype)
@@ -363,7 +372,9 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, is_first_iteration=False, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, is_first_iteration=False, **kwargs
+    ):
         """Audio goes only into the prefill step: later steps feed one new token against the cache."""
         audio_features = kwargs.pop("audio_features", None)
         audio_lengths = kwargs.pop("audio_lengths", None)
@@ -383,7 +394,10 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         os.makedirs(directory, exist_ok=True)
         state = {f"audio_encoder.{k}": v for k, v in self.audio_encoder.state_dict().items()}
         state.update({f"audio_adapter.{k}": v for k, v in self.audio_adapter.state_dict().items()})
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(directory, ENCODER_WEIGHTS))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in state.items()},
+            os.path.join(directory, ENCODER_WEIGHTS),
+        )
         meta = {
             "encoder_config": self.config.encoder_config.to_dict(),
             "llm_hidden_size": self.config.llm_config.hidden_size,
@@ -432,13 +446,14 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
                     f"saved adapter projects to {meta['llm_hidden_size']} but the LLM hidden size is "
                     f"{llm_cfg.hidden_size}"
                 )
-            enc_cfg = {k: v for k, v in meta["encoder_config"].items() if k not in ("model_type", "transformers_version")}
+            enc_cfg = {
+                k: v
+                for k, v in meta["encoder_config"].items()
+                if k not in ("model_type", "transformers_version")
+            }
             overrides["encoder_config"] = AudioEncoderConfig(**enc_cfg)
         config = SpeechLMConfig(llm_config=llm_cfg, **overrides)
-        model = cls(config)
-        if llm is not None:
-            model.llm = llm
-            model.config.llm_config = llm.config
+        model = cls(config, llm=llm)
         if encoder_path is not None:
             model.load_encoder(encoder_path)
         if dtype is not None:

@@ -59,7 +59,9 @@ SPEECH_PRESETS: dict[str, dict[str, Any]] = {
 def speech_preset_config(name: str, vocab_size: int | None = None, **ids: int | None) -> SpeechLMConfig:
     """The :class:`SpeechLMConfig` of preset ``name`` (vocab from ``vocab_size`` when given)."""
     if name not in SPEECH_PRESETS:
-        raise ValueError(f"unknown speech preset {name!r}; valid presets: {', '.join(sorted(SPEECH_PRESETS))}")
+        raise ValueError(
+            f"unknown speech preset {name!r}; valid presets: {', '.join(sorted(SPEECH_PRESETS))}"
+        )
     spec = copy.deepcopy(SPEECH_PRESETS[name])
     token_ids = {k: ids.pop(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in ids}
     if "llm_preset" in spec:

@@ -1,0 +1,30 @@
+"""Glue between audio files, the data layer and a speech model: placeholder arithmetic and features.
+
+The number of ``<audio_patch>`` tokens for a clip must equal what the model's encoder + adapter emit
+for its log-mel frames, so it is computed from the model's own ``num_patches`` applied to the front
+end's ``num_frames``; the features the model receives come from the same front end.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from steptrain.audio.features import log_mel, num_frames
+from steptrain.audio.io import load_audio
+from steptrain.data import AudioClip, AudioSpec
+
+
+def clip_features(clip: AudioClip) -> torch.Tensor:
+    """128-bin log-mel [n_mels, frames] of one chunk."""
+    return log_mel(load_audio(clip.path)[clip.start : clip.start + clip.length])
+
+
+def speech_audio_spec(tokenizer, data_cfg) -> AudioSpec:
+    from steptrain.models.speech import num_patches
+
+    return AudioSpec.from_tokenizer(
+        tokenizer,
+        patches=lambda n_samples: num_patches(num_frames(n_samples)),
+        load=load_audio,
+        max_seconds=data_cfg.max_audio_seconds,
+    )
