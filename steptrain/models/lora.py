@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
@@ -11,9 +12,20 @@ from transformers import PreTrainedModel
 log = logging.getLogger(__name__)
 
 
-def lora_config(peft_cfg, new_token_ids: list[int]) -> LoraConfig:
+def _speech_targets(model) -> list[str]:
+    """LoRA on a speech model's LLM only: the encoder stays frozen, the adapter trains in full."""
+    return [
+        name for name, module in model.llm.named_modules() if isinstance(module, torch.nn.Linear) and name != "lm_head"
+    ]
+
+
+def lora_config(peft_cfg, new_token_ids: list[int], model=None) -> LoraConfig:
     targets = peft_cfg.target_modules
     targets = targets if isinstance(targets, str) else list(OmegaConf.to_object(targets))
+    modules_to_save = list(peft_cfg.modules_to_save)
+    if getattr(model, "audio_encoder", None) is not None and targets == "all-linear":
+        targets = [f"llm.{name}" for name in _speech_targets(model)]
+        modules_to_save = modules_to_save or ["audio_adapter"]
     kwargs = {}
     if new_token_ids and peft_cfg.train_new_tokens:
         # Rows of added tokens are random/mean-initialised: they must learn, while the rest stays frozen.
@@ -24,7 +36,7 @@ def lora_config(peft_cfg, new_token_ids: list[int]) -> LoraConfig:
         lora_alpha=peft_cfg.alpha,
         lora_dropout=peft_cfg.dropout,
         target_modules=targets,
-        modules_to_save=list(peft_cfg.modules_to_save) or None,
+        modules_to_save=modules_to_save or None,
         **kwargs,
     )
 
@@ -33,7 +45,7 @@ def apply_lora(model: PreTrainedModel, peft_cfg, new_token_ids: list[int]):
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    model = get_peft_model(model, lora_config(peft_cfg, new_token_ids))
+    model = get_peft_model(model, lora_config(peft_cfg, new_token_ids, model))
     if checkpointing:
         model.enable_input_require_grads()
     return model
