@@ -97,3 +97,13 @@ def test_cli_reports_config_error_before_building_anything(base, tmp_path, capsy
     assert code == 2
     assert "unknown config key 'trainer.max_stepz'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_asr_experiment_composes_with_speech_parts(base, tmp_path):
+    llm = tmp_path / "llm"
+    llm.mkdir()
+    cfg = load_config(["experiment=asr_sft", f"model.llm_path={llm}", "model.path=null", *base[1:]])
+    assert cfg.optim.lr_mult == {"audio_adapter": 2.5, "embed_tokens": 2.5, "lm_head": 2.0}
+    assert cfg.model.freeze_encoder and cfg.data.loss_on == "last_assistant"
+    msg = error_of([*base, f"model.encoder_path={llm}"])
+    assert "model.encoder_path goes with model.llm_path" in msg

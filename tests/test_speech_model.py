@@ -334,3 +334,28 @@ def test_step_audio_2_mini_config_param_count(model):
     assert encoder == 635_048_960  # Whisper-large-v3 encoder size
     assert adapter == 14_883_584
     assert set(SPEECH_PRESETS) == {"tiny-speech", "step-audio-2-mini"}
+
+
+class _FakeTokenizer:
+    bos_token_id, eos_token_id, pad_token_id = BOS, EOS, PAD
+
+    def __len__(self) -> int:
+        return V
+
+
+def test_build_speech_preset_and_uncached_generate():
+    from steptrain.models.speech import build_speech_preset
+
+    torch.manual_seed(0)
+    m = build_speech_preset("tiny-speech", _FakeTokenizer(), **IDS).eval()
+    assert m.config.llm_config.vocab_size == V and m.config.audio_patch_id == A_PATCH
+    assert m.generation_config.eos_token_id == EOS
+    with pytest.raises(ValueError, match="valid presets"):
+        build_speech_preset("nope", _FakeTokenizer())
+    ids = torch.tensor([audio_row(40)])
+    f = torch.randn(1, 128, 40)
+    kw = {"max_new_tokens": 3, "do_sample": False, "eos_token_id": None, "pad_token_id": PAD}
+    with torch.no_grad():
+        cached = m.generate(ids, audio_features=f, **kw)
+        uncached = m.generate(ids, audio_features=f, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)

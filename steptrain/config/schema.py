@@ -24,6 +24,7 @@ class ModelConfig:
     preset: str | None = None  # or a tiny architecture from steptrain.models.presets (random init)
     llm_path: str | None = None  # speech model assembled from an HF causal LM directory ...
     encoder_path: str | None = None  # ... plus a saved encoder+adapter (fresh when unset)
+    freeze_encoder: bool = True  # speech models: Step-Audio 2 keeps its audio encoder frozen throughout
     tokenizer_path: str | None = None  # defaults to `path` (or `llm_path`); required with `preset`
     trust_remote_code: bool = False
     dtype: str = "float32"  # weights dtype on load: float32 | bfloat16 | float16

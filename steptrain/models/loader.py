@@ -47,8 +47,10 @@ def load_tokenizer(model_cfg) -> PreTrainedTokenizerBase:
     return tok
 
 
-def speech_token_ids(tokenizer) -> dict[str, int]:
-    return {f"{t.strip('<>')}_id": tokenizer.convert_tokens_to_ids(t) for t in SPEECH_TOKENS}
+def speech_overrides(tokenizer, model_cfg) -> dict:
+    """SpeechLMConfig fields set by the run: the audio token ids and whether the encoder trains."""
+    ids = {f"{t.strip('<>')}_id": tokenizer.convert_tokens_to_ids(t) for t in SPEECH_TOKENS}
+    return {**ids, "freeze_encoder": model_cfg.freeze_encoder}
 
 
 def load_model(model_cfg, tokenizer) -> tuple[PreTrainedModel, list[int]]:
@@ -59,7 +61,7 @@ def load_model(model_cfg, tokenizer) -> tuple[PreTrainedModel, list[int]]:
     if model_cfg.preset and speech:
         from steptrain.models.speech import build_speech_preset
 
-        model = build_speech_preset(model_cfg.preset, tokenizer, **speech_token_ids(tokenizer))
+        model = build_speech_preset(model_cfg.preset, tokenizer, **speech_overrides(tokenizer, model_cfg))
         model.to(DTYPES[model_cfg.dtype])
     elif model_cfg.preset:
         from steptrain.models.presets import build_preset
@@ -71,7 +73,7 @@ def load_model(model_cfg, tokenizer) -> tuple[PreTrainedModel, list[int]]:
         from steptrain.models.speech import SpeechLMForCausalLM
 
         model = SpeechLMForCausalLM.from_parts(
-            model_cfg.llm_path, model_cfg.encoder_path, dtype=DTYPES[model_cfg.dtype], **speech_token_ids(tokenizer)
+            model_cfg.llm_path, model_cfg.encoder_path, dtype=DTYPES[model_cfg.dtype], **speech_overrides(tokenizer, model_cfg)
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(
@@ -80,6 +82,9 @@ def load_model(model_cfg, tokenizer) -> tuple[PreTrainedModel, list[int]]:
             trust_remote_code=model_cfg.trust_remote_code,
             attn_implementation=model_cfg.attn_implementation,
         )
+    if speech:  # the run decides, also for a saved speech model
+        model.config.freeze_encoder = model_cfg.freeze_encoder
+        model.audio_encoder.requires_grad_(not model_cfg.freeze_encoder)
     old_vocab = model.get_input_embeddings().weight.shape[0]
     new_ids: list[int] = []
     if len(tokenizer) > old_vocab:

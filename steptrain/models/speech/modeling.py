@@ -241,10 +241,11 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: SpeechLMConfig, llm: PreTrainedModel | None = None):
         """``llm``: an already built (e.g. loaded) causal LM to use instead of a random one; its
         weights are left untouched and its config becomes ``config.llm_config``."""
+        if llm is not None:
+            config.llm_config = llm.config
         super().__init__(config)
         enc = config.encoder_config
         if llm is not None:
-            config.llm_config = llm.config
             for module in llm.modules():  # post_init must not re-initialise loaded weights
                 module._is_hf_initialized = True
         self.audio_encoder = WhisperStyleEncoder(enc)
@@ -332,6 +333,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         valid frames (default: T for all). Returns the LLM's ``CausalLMOutputWithPast``; with
         ``labels`` the loss is the LLM's shifted mean cross-entropy (ignore index -100).
         """
+        if use_cache is None:  # e.g. the loader sets config.use_cache = False for training
+            use_cache = getattr(self.config, "use_cache", None)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
@@ -452,6 +455,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
                 if k not in ("model_type", "transformers_version")
             }
             overrides["encoder_config"] = AudioEncoderConfig(**enc_cfg)
+        # Building the composite config resets the sub-config's attention implementation; keep the LLM's.
+        overrides.setdefault("attn_implementation", llm_cfg._attn_implementation)
         config = SpeechLMConfig(llm_config=llm_cfg, **overrides)
         model = cls(config, llm=llm)
         if encoder_path is not None:
