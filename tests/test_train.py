@@ -58,10 +58,9 @@ def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(assets, tmp_pat
     real = sft.lm_loss_sum
     calls = {"n": 0}
 
-    def poisoned(logits, labels):
+    def poisoned(logits, labels, *args):  # the model emits NaN logits in the third step
         calls["n"] += 1
-        loss, m = real(logits, labels)
-        return (loss * float("nan") if calls["n"] == 3 else loss), m
+        return real(logits * float("nan") if calls["n"] == 3 else logits, labels, *args)
 
     monkeypatch.setattr(sft, "lm_loss_sum", poisoned)
     with pytest.raises(sft.TrainingError, match=r"non-finite loss \(nan\) at step 3.*step_2"):

@@ -25,6 +25,8 @@ class ModelConfig:
     llm_path: str | None = None  # speech model assembled from an HF causal LM directory ...
     encoder_path: str | None = None  # ... plus a saved encoder+adapter (fresh when unset)
     freeze_encoder: bool = True  # speech models: Step-Audio 2 keeps its audio encoder frozen throughout
+    audio_codes: int = 0  # add N discrete audio output tokens <audio_k> + <tts_start>/<tts_end> (Step-Audio 2: 6561)
+    new_token_init: str = "mean"  # embedding rows of added tokens: mean of the existing rows | random
     tokenizer_path: str | None = None  # defaults to `path` (or `llm_path`); required with `preset`
     trust_remote_code: bool = False
     dtype: str = "float32"  # weights dtype on load: float32 | bfloat16 | float16
@@ -48,6 +50,12 @@ class DataConfig:
     on_error: str = "error"  # error: stop at the first bad row | skip: skip it and count it
     eval_fraction: float = 0.0  # hold out this fraction of train rows when eval_files is empty
     max_audio_seconds: float = 600.0  # longer clips are bad rows (cut into 25 s chunks below this)
+    audio_tokenizer: str | None = None  # spoken replies -> codes: "kmeans:DIR" | "cosyvoice2:DIR" | "stepaudio:DIR"
+
+
+@dataclass
+class ObjectiveConfig:
+    audio_loss_weight: float = 1.0  # weight of discrete-audio-token targets relative to text targets
 
 
 @dataclass
@@ -115,6 +123,7 @@ class TrainConfig:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -130,6 +139,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "recipe.name": ("sft",),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "model.new_token_init": ("mean", "random"),
     "data.template": ("step", "jinja"),
     "data.loss_on": ("all_assistant", "last_assistant"),
     "data.truncation": ("right", "left", "drop"),

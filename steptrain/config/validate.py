@@ -47,7 +47,14 @@ def validate(cfg: DictConfig) -> None:
         if m[key] and not Path(m[key]).is_dir():
             fail(f"model.{key}={m[key]!r} is not a directory")
 
+    if m.audio_codes < 0:
+        fail(f"model.audio_codes={m.audio_codes} must be >= 0")
+    if cfg.objective.audio_loss_weight < 0:
+        fail(f"objective.audio_loss_weight={cfg.objective.audio_loss_weight} must be >= 0")
+
     d = cfg.data
+    if d.audio_tokenizer and not m.audio_codes:
+        fail("data.audio_tokenizer turns spoken replies into codes: it needs model.audio_codes > 0")
     if not d.train_files:
         fail("data.train_files is empty (data.train_files=[a.jsonl,...])")
     for key in ("train_files", "eval_files"):

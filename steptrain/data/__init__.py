@@ -1,6 +1,6 @@
 """Data layer: ms-swift JSONL (and HF datasets) -> chat-template segments -> token ids/labels -> batches."""
 
-from steptrain.data.audio_spans import AUDIO_TAG, AudioClip, AudioSpec
+from steptrain.data.audio_spans import AUDIO_TAG, AudioClip, AudioSpec, ReplyAudioSpec
 from steptrain.data.batching import collate, plan_epoch
 from steptrain.data.dataset import SFTData, load_sft_data
 from steptrain.data.encode import IGNORE_INDEX, Encoded, encode_segments
@@ -12,6 +12,7 @@ __all__ = [
     "AUDIO_TAG",
     "AudioClip",
     "AudioSpec",
+    "ReplyAudioSpec",
     "IGNORE_INDEX",
     "ChatTemplate",
     "DataError",

@@ -52,16 +52,73 @@ class AudioSpec:
         return cls(ids["<audio_start>"], ids["<audio_patch>"], ids["<audio_end>"], patches, load, **kw)
 
 
-def audio_paths(row: dict, source: str) -> list[str]:
+@dataclass(frozen=True)
+class ReplyAudioSpec:
+    """Spoken replies as discrete audio tokens: ``<tts_start>`` ``<audio_k>``... ``<tts_end>``, trained."""
+
+    first_id: int  # id of <audio_0>; code k is first_id + k
+    n_codes: int
+    start_id: int
+    end_id: int
+    encode: Callable[[str], list[int]] | None = None  # audio file -> codes (an AudioTokenizer), if any
+
+    def tokens(self, codes: list[int]) -> list[int]:
+        if not isinstance(codes, list) or not all(isinstance(k, int) and 0 <= k < self.n_codes for k in codes):
+            raise DataError("bad audio codes", f"audio codes must be integers in [0, {self.n_codes - 1}]")
+        return [self.start_id, *(self.first_id + k for k in codes), self.end_id]
+
+
+def audio_paths(row: dict, source: str, expected: int | None = None) -> list[str]:
     """The row's audio files (relative paths resolved against the data file), checked against its tags."""
     audios = row.get("audios") or []
     if not isinstance(audios, list) or not all(isinstance(a, str) for a in audios):
         raise DataError("bad audios", "'audios' must be a list of file paths")
-    tags = sum(m["content"].count(AUDIO_TAG) for m in row["messages"])
+    tags = sum(m["content"].count(AUDIO_TAG) for m in row["messages"]) if expected is None else expected
     if tags != len(audios):
         raise DataError("audio count mismatch", f"{tags} {AUDIO_TAG} tags but {len(audios)} audios")
     base = Path(source.rsplit(":", 1)[0]).parent
     return [str(p if Path(p).is_absolute() else base / p) for p in audios]
+
+
+def audio_spans_for(row: dict, messages: list[dict], source: str, audio: AudioSpec | None,
+                    reply: ReplyAudioSpec | None):
+    """Per ``<audio>`` tag, in reading order: [(ids, clip or None), ...] (None for a text-only row).
+
+    A tag in a user/system/tool turn is heard: encoder placeholder spans (needs ``audio``). A tag in
+    an assistant turn is spoken: discrete audio tokens the model learns to emit (needs ``reply``),
+    from the row's ``audio_codes`` (one list per spoken reply, used as-is) or else from the audio
+    file through ``reply.encode``. ``audios`` lists the files of all tags that need one, in order.
+    """
+    roles = [m["role"] for m in messages for _ in range(m["content"].count(AUDIO_TAG))]
+    if not roles and not row.get("audios"):
+        return None
+    codes = row.get("audio_codes")
+    spoken = sum(r == "assistant" for r in roles)
+    if codes is not None and (not isinstance(codes, list) or len(codes) != spoken):
+        raise DataError("audio_codes count mismatch", f"{spoken} spoken replies but audio_codes has "
+                        f"{len(codes) if isinstance(codes, list) else 'no list'}")
+    needs_file = [r for r in roles if r != "assistant" or codes is None]
+    paths = iter(audio_paths(row, source, expected=len(needs_file)))
+    codes = iter(codes or [])
+    out = []
+    for role in roles:
+        if role != "assistant":
+            if audio is None:
+                raise DataError("audio in a text-only run", "the row has audio input but the model takes none")
+            out.append(clip_tokens(next(paths), audio))
+            continue
+        if reply is None:
+            raise DataError("spoken reply without audio tokens", "set model.audio_codes (and data.audio_tokenizer)")
+        if row.get("audio_codes") is not None:
+            out.append([(reply.tokens(next(codes)), None)])
+            continue
+        if reply.encode is None:
+            raise DataError("spoken reply without codes", "give audio_codes in the row or set data.audio_tokenizer")
+        path = next(paths)
+        if not Path(path).is_file():
+            raise DataError("missing audio", f"{path} does not exist")
+        out.append([(reply.tokens(reply.encode(path)), None)])
+    return iter(out)
 
 
 def clip_tokens(path: str, spec: AudioSpec) -> list[tuple[list[int], AudioClip]]:

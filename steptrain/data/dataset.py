@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from steptrain.data.audio_spans import AUDIO_TAG, AudioSpec, audio_paths, clip_tokens
+from steptrain.data.audio_spans import AudioSpec, ReplyAudioSpec, audio_spans_for
 from steptrain.data.encode import IGNORE_INDEX, Encoded, fit_length, tokenize_with_audio
 from steptrain.data.errors import DataError
 from steptrain.data.reader import read_rows, row_messages
@@ -20,11 +20,15 @@ class SFTData:
     stats: dict = field(default_factory=dict)
 
 
-def load_sft_data(files: list[str] | list[dict], tokenizer, data_cfg, audio: AudioSpec | None = None) -> SFTData:
+def load_sft_data(
+    files: list[str] | list[dict], tokenizer, data_cfg, audio: AudioSpec | None = None,
+    reply: ReplyAudioSpec | None = None,
+) -> SFTData:
     """Read, render and tokenize `files` as configured by `data_cfg` (a DataConfig); logs nothing.
 
     With ``audio`` (speech models), ``<audio>`` tags become placeholder spans and the clips are kept on
-    each example for ``collate``; without it, a row with audio is a bad row.
+    each example for ``collate``; without it, a row with audio input is a bad row. With ``reply``,
+    ``<audio>`` in assistant turns becomes trained discrete audio tokens (TTS, spoken replies).
 
     `files` may instead hold rows already returned by `read_rows` (e.g. what is left after holding out
     an eval split); their reader-stage skips are then the caller's to count.
@@ -46,8 +50,9 @@ def load_sft_data(files: list[str] | list[dict], tokenizer, data_cfg, audio: Aud
     for n, row in enumerate(rows, 1):
         source = row.get("_source", f"row {n}")
         try:
-            segments = template.segments(row_messages(row), loss_on=data_cfg.loss_on)
-            clips = _audio_for(row, source, audio)
+            messages = row_messages(row)
+            segments = template.segments(messages, loss_on=data_cfg.loss_on)
+            clips = audio_spans_for(row, messages, source, audio, reply)
             input_ids, labels, clip_list, spans = tokenize_with_audio(segments, tokenizer, clips)
         except DataError as e:
             if data_cfg.on_error == "error" or e.reason == NOT_PREFIX_STABLE:
@@ -72,11 +77,3 @@ def load_sft_data(files: list[str] | list[dict], tokenizer, data_cfg, audio: Aud
     keys = ("audio_clips", "truncated", "dropped_too_long", "dropped_no_labels", "tokens", "label_tokens")
     return SFTData(examples, {"rows": len(rows), "skipped": dict(skipped), **{k: stats[k] for k in keys}})
 
-
-def _audio_for(row: dict, source: str, audio: AudioSpec | None):
-    """Placeholder spans for the row's <audio> tags, in order (None for a text-only row)."""
-    if not row.get("audios") and not any(AUDIO_TAG in m["content"] for m in row["messages"]):
-        return None
-    if audio is None:
-        raise DataError("audio in a text-only run", "the row has audio but the model takes no audio input")
-    return iter([clip_tokens(path, audio) for path in audio_paths(row, source)])

@@ -25,7 +25,9 @@ class Encoded:
     audio_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) token span per clip
 
 
-AudioTokens = Iterator[list[tuple[list[int], AudioClip]]]  # per <audio> tag: (placeholder ids, clip) per chunk
+# Per <audio> tag: [(ids, clip)] with one entry per 25 s chunk of a heard clip, or [(ids, None)] for a
+# spoken reply's discrete audio tokens.
+AudioTokens = Iterator[list[tuple[list[int], AudioClip | None]]]
 
 
 def tokenize_segments(
@@ -33,9 +35,9 @@ def tokenize_segments(
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of the whole conversation, before any truncation.
 
-    With ``audio``, every ``<audio>`` tag is replaced by the next file's placeholder span (never
-    trained: it is input the model hears, not text it writes); use ``tokenize_with_audio`` to also get
-    the clips and their spans.
+    With ``audio``, every ``<audio>`` tag is replaced by its ids: a heard clip's placeholder span is
+    never trained (the model hears it), a spoken reply's audio tokens are trained like the text of
+    their turn. ``tokenize_with_audio`` also returns the heard clips and their spans.
     """
     input_ids, labels, _, _ = tokenize_with_audio(segments, tokenizer, audio)
     return input_ids, labels
@@ -54,10 +56,11 @@ def tokenize_with_audio(segments: Sequence[Segment], tokenizer, audio: AudioToke
         for k in range(len(parts)):
             if k:  # an <audio> tag stood between parts[k - 1] and parts[k]
                 for span_ids, clip in next(audio):
-                    spans.append((len(input_ids), len(input_ids) + len(span_ids)))
-                    clips.append(clip)
+                    if clip is not None:
+                        spans.append((len(input_ids), len(input_ids) + len(span_ids)))
+                        clips.append(clip)
                     input_ids += span_ids
-                    labels += [IGNORE_INDEX] * len(span_ids)
+                    labels += span_ids if clip is None and seg.train else [IGNORE_INDEX] * len(span_ids)
             ids = next(batch)
             input_ids += ids
             labels += ids if seg.train else [IGNORE_INDEX] * len(ids)

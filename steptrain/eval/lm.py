@@ -9,13 +9,14 @@ from steptrain.data.audio_spans import audio_paths, clip_tokens
 from steptrain.data.encode import tokenize_with_audio
 from steptrain.eval.asr import error_rates
 from steptrain.models.forward import lm_logits
-from steptrain.objectives import lm_loss_sum
+from steptrain.objectives import lm_loss_sum, stats_vector, summarize_stats
 from steptrain.rollout import generate_greedy
 
 
 @torch.no_grad()
 def evaluate_loss(
-    engine, examples, *, batch_size: int, max_length: int, pad_id: int, max_batches: int = 0, audio_features=None
+    engine, examples, *, batch_size: int, max_length: int, pad_id: int, max_batches: int = 0, audio_features=None,
+    audio_ids: tuple[int, int] | None = None,
 ) -> dict:
     """Token-mean loss and next-token accuracy over ``examples``, sharded over ranks and reduced."""
     model = engine.module
@@ -27,17 +28,16 @@ def evaluate_loss(
     )
     if max_batches:
         plan = plan[:max_batches]
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, label tokens, correct
+    totals = stats_vector({})
     for rows in plan[engine.rank :: engine.world_size]:
         batch = {k: v.to(engine.device) for k, v in collate(rows, examples, pad_id=pad_id, packing=False, audio_features=audio_features).items() if v is not None}
         with engine.autocast():
             logits = lm_logits(model, batch)
-        loss, m = lm_loss_sum(logits, batch["labels"])
-        totals += torch.tensor([loss.item(), m["label_tokens"].item(), m["correct"].item()], dtype=torch.float64)
+        _, m = lm_loss_sum(logits, batch["labels"], audio_ids)
+        totals += stats_vector(m)
     model.train(was_training)
     engine.all_reduce(totals)
-    n = max(totals[1].item(), 1.0)
-    return {"eval/loss": totals[0].item() / n, "eval/token_acc": totals[2].item() / n}
+    return summarize_stats(totals, prefix="eval/")
 
 
 def generation_metrics(

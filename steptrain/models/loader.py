@@ -40,11 +40,25 @@ def load_tokenizer(model_cfg) -> PreTrainedTokenizerBase:
     if tok.pad_token_id is None:
         # Padding positions never carry loss, so any id works; EOS is the conventional choice.
         tok.pad_token = tok.eos_token or tok.unk_token
-    if is_speech_config(model_cfg):
-        missing = [t for t in SPEECH_TOKENS if t not in tok.get_vocab()]
+    wanted = list(SPEECH_TOKENS) if is_speech_config(model_cfg) else []
+    if model_cfg.audio_codes:  # codes first, so <audio_0..N-1> get contiguous ids
+        wanted = [f"<audio_{k}>" for k in range(model_cfg.audio_codes)] + wanted + ["<tts_start>", "<tts_end>"]
+    if wanted:
+        vocab = tok.get_vocab()
+        missing = [t for t in wanted if t not in vocab]
         if missing:  # a text tokenizer becoming a speech one: the model's embeddings grow to match
             tok.add_tokens(list(missing), special_tokens=True)
     return tok
+
+
+def audio_code_ids(tokenizer, n_codes: int) -> tuple[int, int] | None:
+    """(first, last) id of the discrete audio tokens <audio_0..N-1>, checked to be contiguous."""
+    if not n_codes:
+        return None
+    first, last = tokenizer.convert_tokens_to_ids("<audio_0>"), tokenizer.convert_tokens_to_ids(f"<audio_{n_codes - 1}>")
+    if last - first != n_codes - 1:
+        raise ValueError(f"audio tokens <audio_0>..<audio_{n_codes - 1}> are not contiguous ids ({first}..{last})")
+    return first, last
 
 
 def speech_overrides(tokenizer, model_cfg) -> dict:
@@ -89,7 +103,7 @@ def load_model(model_cfg, tokenizer) -> tuple[PreTrainedModel, list[int]]:
     new_ids: list[int] = []
     if len(tokenizer) > old_vocab:
         # Mean-initialised rows for tokens the tokenizer has and the checkpoint lacks.
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=model_cfg.new_token_init == "mean")
         new_ids = list(range(old_vocab, len(tokenizer)))
         log.info("resized embeddings %d -> %d for added tokens", old_vocab, len(tokenizer))
     if model_cfg.gradient_checkpointing:

@@ -8,7 +8,12 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def lm_loss_sum(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    audio_ids: tuple[int, int] | None = None,
+    audio_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed next-token negative log-likelihood over labelled positions.
 
         L_sum = - sum_{t : y_t != -100} log p_theta(y_t | x_<t)
@@ -17,16 +22,49 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     not the mean, is returned so the caller can divide by the token count of the whole optimizer step
     (all micro-batches, all ranks): then packing, padding, accumulation and data parallelism all give
     the same loss and gradient as one big batch.
+
+    With ``audio_ids = (first, last)`` (the discrete audio tokens' id range), targets are split into
+    two streams and weighted:  L_sum = sum_text nll + audio_weight * sum_audio nll, and the metrics
+    carry per-stream sums (``audio_nll``, ``audio_tokens``, ``audio_correct``) for separate curves.
     """
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    loss = F.cross_entropy(
+    nll = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]),
         shift_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+        reduction="none",
+    ).view_as(shift_labels)
     mask = shift_labels != IGNORE_INDEX
     with torch.no_grad():
-        correct = ((shift_logits.argmax(-1) == shift_labels) & mask).sum()
-    return loss, {"label_tokens": mask.sum(), "correct": correct}
+        hit = (shift_logits.argmax(-1) == shift_labels) & mask
+    metrics = {"nll": nll.sum().detach(), "label_tokens": mask.sum(), "correct": hit.sum()}
+    if audio_ids is None:
+        return nll.sum(), metrics
+    audio = (shift_labels >= audio_ids[0]) & (shift_labels <= audio_ids[1])
+    audio_nll = nll[audio].sum()
+    metrics |= {"audio_nll": audio_nll.detach(), "audio_tokens": audio.sum(), "audio_correct": hit[audio].sum()}
+    return nll.sum() + (audio_weight - 1.0) * audio_nll, metrics
+
+
+STATS = ("nll", "label_tokens", "correct", "audio_nll", "audio_tokens", "audio_correct")
+
+
+def stats_vector(metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The metrics of one micro-batch as a float64 vector (summable over micro-batches and ranks)."""
+    return torch.tensor([float(metrics.get(k, 0)) for k in STATS], dtype=torch.float64)
+
+
+def summarize_stats(totals: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    """Per-token means from summed stats: loss and accuracy overall, and per stream when audio is present."""
+    t = dict(zip(STATS, totals.tolist(), strict=True))
+    n = max(t["label_tokens"], 1.0)
+    out = {f"{prefix}loss": t["nll"] / n, f"{prefix}token_acc": t["correct"] / n}
+    if t["audio_tokens"]:
+        text = max(t["label_tokens"] - t["audio_tokens"], 1.0)
+        out |= {
+            f"{prefix}text_loss": (t["nll"] - t["audio_nll"]) / text,
+            f"{prefix}audio_loss": t["audio_nll"] / t["audio_tokens"],
+            f"{prefix}audio_acc": t["audio_correct"] / t["audio_tokens"],
+        }
+    return out

@@ -11,7 +11,8 @@ import torch
 
 from steptrain.audio.features import log_mel, num_frames
 from steptrain.audio.io import load_audio
-from steptrain.data import AudioClip, AudioSpec
+from steptrain.data import AudioClip, AudioSpec, ReplyAudioSpec
+from steptrain.models.loader import audio_code_ids
 
 
 def clip_features(clip: AudioClip) -> torch.Tensor:
@@ -27,4 +28,29 @@ def speech_audio_spec(tokenizer, data_cfg) -> AudioSpec:
         patches=lambda n_samples: num_patches(num_frames(n_samples)),
         load=load_audio,
         max_seconds=data_cfg.max_audio_seconds,
+    )
+
+
+def reply_audio_spec(tokenizer, model_cfg, data_cfg) -> ReplyAudioSpec | None:
+    """Discrete audio output tokens (``model.audio_codes``), and the tokenizer for spoken replies."""
+    ids = audio_code_ids(tokenizer, model_cfg.audio_codes)
+    if ids is None:
+        return None
+    encode = None
+    if data_cfg.audio_tokenizer:
+        from steptrain.audio.tokenizer import load_audio_tokenizer
+
+        codec = load_audio_tokenizer(data_cfg.audio_tokenizer)
+        if codec.n_codes > model_cfg.audio_codes:
+            raise ValueError(f"{data_cfg.audio_tokenizer} has {codec.n_codes} codes > model.audio_codes={model_cfg.audio_codes}")
+
+        def encode(path: str) -> list[int]:
+            return [int(k) for k in codec.encode(load_audio(path), 16000)]
+
+    return ReplyAudioSpec(
+        first_id=ids[0],
+        n_codes=model_cfg.audio_codes,
+        start_id=tokenizer.convert_tokens_to_ids("<tts_start>"),
+        end_id=tokenizer.convert_tokens_to_ids("<tts_end>"),
+        encode=encode,
     )

@@ -36,10 +36,10 @@ from steptrain.engines.optim import param_groups
 from steptrain.eval import evaluate_loss, generation_metrics
 from steptrain.logging import MetricsLogger
 from steptrain.models.forward import lm_logits
-from steptrain.models.loader import is_speech_config, load_model, load_tokenizer
+from steptrain.models.loader import audio_code_ids, is_speech_config, load_model, load_tokenizer
 from steptrain.models.lora import apply_lora, count_parameters
-from steptrain.objectives import lm_loss_sum
-from steptrain.recipes.audio_inputs import clip_features, speech_audio_spec
+from steptrain.objectives import lm_loss_sum, stats_vector, summarize_stats
+from steptrain.recipes.audio_inputs import clip_features, reply_audio_spec, speech_audio_spec
 
 log = logging.getLogger("steptrain")
 
@@ -116,9 +116,11 @@ def _train(cfg, engine) -> dict:
     train_rows, eval_rows = split_eval(cfg, train_rows)
     audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
     features = clip_features if audio else None
-    train = load_sft_data(train_rows, tokenizer, cfg.data, audio=audio)
+    reply = reply_audio_spec(tokenizer, cfg.model, cfg.data)  # spoken replies as discrete audio tokens
+    audio_ids = audio_code_ids(tokenizer, cfg.model.audio_codes)
+    train = load_sft_data(train_rows, tokenizer, cfg.data, audio=audio, reply=reply)
     train.stats["skipped"] = {**skipped, **train.stats["skipped"]}
-    evalset = load_sft_data(eval_rows, tokenizer, cfg.data, audio=audio) if eval_rows else None
+    evalset = load_sft_data(eval_rows, tokenizer, cfg.data, audio=audio, reply=reply) if eval_rows else None
     if engine.is_main:
         log.info("train data: %s", train.stats)
         if evalset:
@@ -163,7 +165,7 @@ def _train(cfg, engine) -> dict:
             return {}
         metrics = evaluate_loss(
             engine, evalset.examples, batch_size=cfg.trainer.batch_size, max_length=cfg.data.max_length,
-            pad_id=pad_id, max_batches=cfg.trainer.eval_batches, audio_features=features,
+            pad_id=pad_id, max_batches=cfg.trainer.eval_batches, audio_features=features, audio_ids=audio_ids,
         )
         if cfg.trainer.generate_eval:
             metrics |= generation_metrics(
@@ -201,20 +203,20 @@ def _train(cfg, engine) -> dict:
             ]
             n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             n_global = engine.all_reduce(torch.tensor([float(n_local)]))[0].item()
-            totals = torch.zeros(4, dtype=torch.float64)  # loss sum, label tokens, correct, input tokens
+            totals, real_tokens = stats_vector({}), 0
             for i, (rows, batch) in enumerate(zip(mine, batches, strict=True)):
                 batch = {k: v.to(engine.device) for k, v in batch.items() if v is not None}
                 with engine.accumulate(last=i == len(batches) - 1):
                     with engine.autocast():
                         logits = lm_logits(model, batch)
-                    loss_sum, m = lm_loss_sum(logits, batch["labels"])
+                    loss_sum, m = lm_loss_sum(logits, batch["labels"], audio_ids, cfg.objective.audio_loss_weight)
                     engine.backward(loss_sum / n_global)
-                real = sum(len(train.examples[j].input_ids) for row in rows for j in row)  # not padding
-                totals += torch.tensor(
-                    [loss_sum.item(), m["label_tokens"].item(), m["correct"].item(), float(real)], dtype=torch.float64
-                )
+                totals += stats_vector(m)
+                real_tokens += sum(len(train.examples[j].input_ids) for row in rows for j in row)  # not padding
             engine.all_reduce(totals)
-            loss = totals[0].item() / max(n_global, 1.0)
+            real_tokens = int(engine.all_reduce(torch.tensor([float(real_tokens)]))[0].item())
+            step_metrics = summarize_stats(totals)
+            loss = step_metrics["loss"]
             if not math.isfinite(loss):
                 sources = [train.examples[i].source for rows in mine for row in rows for i in row][:3]
                 good = list_checkpoints(out)
@@ -227,18 +229,17 @@ def _train(cfg, engine) -> dict:
             grad_norm = engine.step()
             state["step"] += 1
             state["cursor"] += per_step
-            state["tokens_seen"] += int(totals[3].item())
+            state["tokens_seen"] += real_tokens
             dt = time.perf_counter() - t0
             last_train = {
                 "step": state["step"],
                 "epoch": state["epoch"],
-                "loss": loss,
-                "token_acc": totals[2].item() / max(n_global, 1.0),
+                **step_metrics,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens": int(totals[3].item()),
+                "tokens": real_tokens,
                 "label_tokens": int(n_global),
-                "tokens_per_s": totals[3].item() / dt,
+                "tokens_per_s": real_tokens / dt,
                 "step_time": dt,
             }
             logger.log(last_train)
