@@ -97,11 +97,15 @@ def audio_spans_for(row: dict, messages: list[dict], source: str, audio: AudioSp
     if codes is not None and (not isinstance(codes, list) or len(codes) != spoken):
         raise DataError("audio_codes count mismatch", f"{spoken} spoken replies but audio_codes has "
                         f"{len(codes) if isinstance(codes, list) else 'no list'}")
-    needs_file = [r for r in roles if r != "assistant" or codes is None]
-    paths = iter(audio_paths(row, source, expected=len(needs_file)))
+    # With audio_codes, spoken replies need no file; ``audios`` may still list one per tag (then unused).
+    every_tag = codes is None or len(row.get("audios") or []) == len(roles)
+    expected = len(roles) if every_tag else sum(r != "assistant" for r in roles)
+    paths = iter(audio_paths(row, source, expected=expected))
     codes = iter(codes or [])
     out = []
     for role in roles:
+        if role == "assistant" and row.get("audio_codes") is not None and every_tag:
+            next(paths)  # this reply's file is not needed: its codes are given
         if role != "assistant":
             if audio is None:
                 raise DataError("audio in a text-only run", "the row has audio input but the model takes none")
