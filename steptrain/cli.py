@@ -1,8 +1,9 @@
-"""`steptrain <verb>`: train (Hydra overrides), config (print the resolved config), export.
+"""`steptrain <verb>`: train (Hydra overrides), config (print the resolved config), export, eval.
 
     steptrain train experiment=sft_lora model.path=DIR data.train_files=[a.jsonl] output_dir=OUT
     torchrun --nproc_per_node 2 -m steptrain train engine=ddp ...
     steptrain export OUT/checkpoints/step_100 EXPORT_DIR [--merge-lora]
+    steptrain eval OUT/checkpoints/step_100 eval.jsonl [--limit 200]
 """
 
 from __future__ import annotations
@@ -74,6 +75,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    from steptrain.eval.run import evaluate_model
+
+    metrics = evaluate_model(args.model, args.data, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                             batch_size=args.batch_size, overrides=args.set)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steptrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -88,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--merge-lora", action="store_true", help="merge LoRA into the base and write a full model")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("eval", help="exact match / CER / WER and loss of a checkpoint or HF directory on JSONL")
+    p.add_argument("model", help="a checkpoint directory (checkpoints/step_N) or an HF-format model directory")
+    p.add_argument("data", nargs="+", help="ms-swift JSONL file(s); the last assistant reply is the reference")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--limit", type=int, default=0, help="only the first N rows (0: all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--set", nargs="*", default=[], help="config keys, e.g. data.template=jinja data.max_length=4096")
+    p.set_defaults(fn=cmd_eval)
     return parser
 
 

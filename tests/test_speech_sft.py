@@ -10,9 +10,9 @@ from steptrain.cli import main
 from steptrain.config import load_saved_config
 from steptrain.data import collate, load_sft_data
 from steptrain.export import export_checkpoint, rebuild_from_checkpoint
+from steptrain.inputs import clip_features, speech_audio_spec
 from steptrain.models.forward import lm_logits
 from steptrain.models.loader import load_tokenizer
-from steptrain.recipes.audio_inputs import clip_features, speech_audio_spec
 from tests.conftest import read_metrics
 
 
@@ -63,3 +63,20 @@ def test_asr_sft_trains_evaluates_and_exports(assets, speech, tmp_path, peft):
     reloaded = AutoModelForCausalLM.from_pretrained(exported).eval()
     with torch.no_grad():
         torch.testing.assert_close(lm_logits(reloaded, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_steptrain_eval_reports_cer_for_checkpoint_and_export(assets, speech, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    assert main(["train", *speech_args(assets, speech, out, "trainer.max_steps=2", "trainer.generate_eval=0",
+                                       "data.eval_files=[]")]) == 0
+    ckpt = out / "checkpoints" / "step_2"
+    capsys.readouterr()
+    assert main(["eval", str(ckpt), str(speech["asr_eval"]), "--limit", "4", "--max-new-tokens", "8"]) == 0
+    from_ckpt = json.loads(capsys.readouterr().out)
+    assert from_ckpt["generated"] == 4 and {"cer", "wer", "exact_match", "loss"} <= from_ckpt.keys()
+    export_checkpoint(ckpt, tmp_path / "export")
+    assert main(["eval", str(tmp_path / "export"), str(speech["asr_eval"]), "--limit", "4", "--max-new-tokens", "8"]) == 0
+    from_export = json.loads(capsys.readouterr().out)
+    assert from_export["cer"] == pytest.approx(from_ckpt["cer"]) and from_export["loss"] == pytest.approx(from_ckpt["loss"])

@@ -9,8 +9,8 @@ import pytest
 from steptrain.cli import main
 from steptrain.config import load_config
 from steptrain.data import DataError, load_sft_data
+from steptrain.inputs import reply_audio_spec
 from steptrain.models.loader import audio_code_ids, load_tokenizer
-from steptrain.recipes.audio_inputs import reply_audio_spec
 from tests.conftest import read_metrics
 
 CODES = 16

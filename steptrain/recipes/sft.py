@@ -34,12 +34,12 @@ from steptrain.data import build_template, collate, load_sft_data, plan_epoch, r
 from steptrain.engines import build_engine
 from steptrain.engines.optim import param_groups
 from steptrain.eval import evaluate_loss, generation_metrics
+from steptrain.inputs import clip_features, reply_audio_spec, speech_audio_spec
 from steptrain.logging import MetricsLogger
 from steptrain.models.forward import lm_logits
 from steptrain.models.loader import audio_code_ids, is_speech_config, load_model, load_tokenizer
 from steptrain.models.lora import apply_lora, count_parameters
 from steptrain.objectives import lm_loss_sum, stats_vector, summarize_stats
-from steptrain.recipes.audio_inputs import clip_features, reply_audio_spec, speech_audio_spec
 
 log = logging.getLogger("steptrain")
 

@@ -1,5 +1,6 @@
-"""Glue between audio files, the data layer and a speech model: placeholder arithmetic and features.
+"""How a run's audio inputs and outputs are assembled from its config (used by recipes and `steptrain eval`).
 
+Heard audio: glue between audio files, the data layer and a speech model.
 The number of ``<audio_patch>`` tokens for a clip must equal what the model's encoder + adapter emit
 for its log-mel frames, so it is computed from the model's own ``num_patches`` applied to the front
 end's ``num_frames``; the features the model receives come from the same front end.

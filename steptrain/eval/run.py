@@ -1,0 +1,55 @@
+"""`steptrain eval`: generation metrics (exact match, CER, WER) and held-out loss of a trained model.
+
+The model is a steptrain checkpoint (rebuilt from its own config) or any HF-format directory,
+including an exported speech model; the data is ms-swift JSONL (with ``<audio>`` tags for speech).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from steptrain.checkpoint.manager import COMPLETE
+from steptrain.config.schema import TrainConfig
+from steptrain.data import build_template, load_sft_data, read_rows
+from steptrain.engines.single import SingleEngine
+from steptrain.eval.lm import evaluate_loss, generation_metrics
+from steptrain.inputs import clip_features, reply_audio_spec, speech_audio_spec
+from steptrain.models.loader import audio_code_ids, is_speech_config, load_model, load_tokenizer
+
+
+def _load(model_dir: str, overrides: list[str]):
+    if (Path(model_dir) / COMPLETE).exists():
+        from steptrain.export import rebuild_from_checkpoint
+
+        model, tokenizer, cfg = rebuild_from_checkpoint(model_dir)
+        return model, tokenizer, OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(TrainConfig), {"model": {"path": model_dir}, "output_dir": "."},
+        OmegaConf.from_dotlist(overrides),
+    )
+    tokenizer = load_tokenizer(cfg.model)
+    model, _ = load_model(cfg.model, tokenizer)
+    return model.eval(), tokenizer, cfg
+
+
+def evaluate_model(model_dir: str, data_files: list[str], *, max_new_tokens: int = 128, limit: int = 0,
+                   batch_size: int = 8, overrides: list[str] = ()) -> dict:
+    """Metrics of ``model_dir`` on ``data_files``; ``overrides`` are config keys (e.g. data.template=jinja)."""
+    model, tokenizer, cfg = _load(model_dir, list(overrides))
+    rows, _ = read_rows(list(data_files), on_error=cfg.data.on_error)
+    rows = rows[:limit] if limit else rows
+    audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
+    reply = reply_audio_spec(tokenizer, cfg.model, cfg.data)
+    engine = SingleEngine(cfg.engine, cfg.trainer)
+    engine.module = model.to(engine.device)
+    template = build_template(cfg.data.template, tokenizer, bos=cfg.data.step_bos, default_system=cfg.data.system)
+    features = clip_features if audio else None
+    examples = load_sft_data(rows, tokenizer, cfg.data, audio=audio, reply=reply).examples
+    metrics = evaluate_loss(engine, examples, batch_size=batch_size, max_length=cfg.data.max_length,
+                            pad_id=tokenizer.pad_token_id, audio_features=features,
+                            audio_ids=audio_code_ids(tokenizer, cfg.model.audio_codes))
+    metrics |= generation_metrics(engine, tokenizer, template, rows, max_new_tokens=max_new_tokens,
+                                  audio=audio, audio_features=features)
+    return {k.removeprefix("eval/"): v for k, v in metrics.items()}
