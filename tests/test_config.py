@@ -107,3 +107,15 @@ def test_asr_experiment_composes_with_speech_parts(base, tmp_path):
     assert cfg.model.freeze_encoder and cfg.data.loss_on == "last_assistant"
     msg = error_of([*base, f"model.encoder_path={llm}"])
     assert "model.encoder_path goes with model.llm_path" in msg
+
+
+@pytest.mark.parametrize("name", ["quickstart", "sft_lora", "asr_sft", "tts_sft", "spoken_chat_sft"])
+def test_every_experiment_composes(base, name):
+    cfg = load_config([f"experiment={name}", *base])
+    assert cfg.experiment == name
+    if name == "tts_sft":
+        assert cfg.model.audio_codes == 6561
+
+
+def test_audio_tokenizer_needs_audio_codes(base):
+    assert "needs model.audio_codes > 0" in error_of([*base, "data.audio_tokenizer=kmeans:/x"])
