@@ -136,3 +136,21 @@ def test_collate_mixes_audio_and_text_rows(tmp_path, tok, spec):
         assert torch.equal(batch["audio_features"][1, :, : batch["audio_lengths"][1]], features(data.examples[2].audio[0]))
     text_only = collate([[1]], data.examples, pad_id=0, packing=False)
     assert "audio_features" not in text_only
+
+
+def test_audio_in_last_turn_only_uses_transcripts_for_earlier_turns(tmp_path, tok, spec):
+    a, b = write_wav(tmp_path / "a.wav", 0.64), write_wav(tmp_path / "b.wav", 0.32)
+    row = audio_row(("user", "<audio>"), ("assistant", "hi"), ("user", "<audio>"), ("assistant", "good"),
+                    audios=[a, b])
+    row["transcripts"] = ["hello", "thanks"]
+    cfg = data_cfg(audio_last_turn_only=True, loss_on="last_assistant")
+    (ex,) = load_sft_data([write_jsonl(tmp_path / "d.jsonl", [row])], tok, cfg, audio=spec).examples
+    start, patch, end = (tok.convert_tokens_to_ids(t) for t in AUDIO_TOKENS)
+    assert ex.input_ids[: 4] == ids("<s> <|BOT|> human hello")  # the first clip became its transcript
+    assert [c.path.endswith("b.wav") for c in ex.audio] == [True] and ex.input_ids.count(start) == 1
+    assert ex.input_ids.count(patch) == patches(5120)
+    trained = [t for t, label in zip(ex.input_ids, ex.labels, strict=True) if label != IGNORE_INDEX]
+    assert trained == ids("good <|EOT|>")
+    del row["transcripts"]
+    with pytest.raises(DataError, match="missing transcripts"):
+        load_sft_data([write_jsonl(tmp_path / "e.jsonl", [row])], tok, cfg, audio=spec)

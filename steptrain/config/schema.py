@@ -50,6 +50,7 @@ class DataConfig:
     on_error: str = "error"  # error: stop at the first bad row | skip: skip it and count it
     eval_fraction: float = 0.0  # hold out this fraction of train rows when eval_files is empty
     max_audio_seconds: float = 600.0  # longer clips are bad rows (cut into 25 s chunks below this)
+    audio_last_turn_only: bool = False  # earlier heard clips -> their "transcripts" text (Step-Audio multi-turn SFT)
     audio_tokenizer: str | None = None  # spoken replies -> codes: "kmeans:DIR" | "cosyvoice2:DIR" | "stepaudio:DIR"
 
 

@@ -153,3 +153,32 @@ def clip_tokens(path: str, spec: AudioSpec) -> list[tuple[list[int], AudioClip]]
 def split_on_audio(text: str) -> list[str]:
     """Text pieces around ``<audio>`` tags (k tags -> k + 1 pieces)."""
     return text.split(AUDIO_TAG)
+
+
+def audio_in_last_turn_only(row: dict, messages: list[dict]) -> tuple[dict, list[dict]]:
+    """Step-Audio's multi-turn SFT: earlier heard clips become their ASR text, only the last keeps audio.
+
+    Needs ``"transcripts"`` (one string per ``audios`` entry). Returns the row with the earlier
+    clips removed from ``audios`` and the messages with their tags replaced by the transcripts.
+    """
+    heard = [i for i, m in enumerate(messages) if m["role"] != "assistant" and AUDIO_TAG in m["content"]]
+    if len(heard) < 2:
+        return row, messages
+    transcripts = row.get("transcripts")
+    audios = list(row.get("audios") or [])
+    n_tags = sum(m["content"].count(AUDIO_TAG) for m in messages)
+    if not isinstance(transcripts, list) or len(transcripts) != len(audios) or len(audios) != n_tags:
+        raise DataError("missing transcripts", "data.audio_last_turn_only needs one transcript per audio")
+    out, k, keep_audios = [], 0, []
+    for i, m in enumerate(messages):
+        pieces = m["content"].split(AUDIO_TAG)
+        text = pieces[0]
+        for piece in pieces[1:]:
+            if i == heard[-1] or m["role"] == "assistant":
+                text += AUDIO_TAG + piece
+                keep_audios.append(audios[k])
+            else:
+                text += transcripts[k] + piece
+            k += 1
+        out.append({**m, "content": text})
+    return {**row, "audios": keep_audios}, out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from steptrain.data.audio_spans import AudioSpec, ReplyAudioSpec, audio_spans_for
+from steptrain.data.audio_spans import AudioSpec, ReplyAudioSpec, audio_in_last_turn_only, audio_spans_for
 from steptrain.data.encode import IGNORE_INDEX, Encoded, fit_length, tokenize_with_audio
 from steptrain.data.errors import DataError
 from steptrain.data.reader import read_rows, row_messages
@@ -51,6 +51,8 @@ def load_sft_data(
         source = row.get("_source", f"row {n}")
         try:
             messages = row_messages(row)
+            if data_cfg.audio_last_turn_only:
+                row, messages = audio_in_last_turn_only(row, messages)
             segments = template.segments(messages, loss_on=data_cfg.loss_on)
             clips = audio_spans_for(row, messages, source, audio, reply)
             input_ids, labels, clip_list, spans = tokenize_with_audio(segments, tokenizer, clips)
