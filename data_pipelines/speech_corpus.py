@@ -68,6 +68,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipelines.demo_corpus import write_jsonl
+
 SAMPLE_RATE = 16000
 MIN_DIGITS, MAX_DIGITS = 3, 8
 DIGIT_MS = (120, 200)  # tone length per digit
@@ -357,17 +359,6 @@ def chat_rows(utterances: list[Utterance], n: int, rng: random.Random) -> list[d
             }
         )
     return rows
-
-
-def write_jsonl(rows: list[dict], path: str | Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def write_bad_rows(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import speech_corpus as sc
+from data_pipelines.demo_corpus import read_jsonl
 
 N_TRAIN, N_EVAL = 40, 12
 JSONL_NAMES = ("asr_train", "asr_eval", "chat_train", "chat_eval", "tts_train", "tts_eval")
@@ -29,7 +30,7 @@ def _labels(paths: dict[str, Path]) -> dict[str, str]:
     """audio path -> digit string, from the ASR files."""
     out = {}
     for name in ("asr_train", "asr_eval"):
-        for row in sc.read_jsonl(paths[name]):
+        for row in read_jsonl(paths[name]):
             out[row["audios"][0]] = row["messages"][-1]["content"].replace(" ", "")
     return out
 
@@ -122,7 +123,7 @@ def test_eval_audio_independent_of_train_size(tmp_path, corpus):
 def test_rows_are_valid_ms_swift(corpus):
     root = corpus["meta"].parent
     for name in JSONL_NAMES:
-        rows = sc.read_jsonl(corpus[name])
+        rows = read_jsonl(corpus[name])
         assert rows, name
         for row in rows:
             assert set(row) == {"messages", "audios"}
@@ -135,7 +136,7 @@ def test_rows_are_valid_ms_swift(corpus):
                 assert not Path(rel).is_absolute() and rel.startswith("audio/")
                 assert (corpus[name].parent / rel).is_file()
                 assert (root / rel).is_file()
-    counts = {name: len(sc.read_jsonl(corpus[name])) for name in JSONL_NAMES}
+    counts = {name: len(read_jsonl(corpus[name])) for name in JSONL_NAMES}
     assert counts == {
         "asr_train": N_TRAIN, "asr_eval": N_EVAL, "chat_train": N_TRAIN // 4,
         "chat_eval": N_EVAL, "tts_train": N_TRAIN, "tts_eval": N_EVAL,
@@ -145,20 +146,20 @@ def test_rows_are_valid_ms_swift(corpus):
 def test_task_contents(corpus):
     labels = _labels(corpus)
     for split in ("train", "eval"):
-        for row in sc.read_jsonl(corpus[f"asr_{split}"]):
+        for row in read_jsonl(corpus[f"asr_{split}"]):
             user, ans = row["messages"][0]["content"], row["messages"][1]["content"]
             assert user == "<audio>Transcribe the digits."
             assert row["audios"][0].startswith(f"audio/{split}_")
             assert ans.replace(" ", "").isdigit() and ans == " ".join(ans.replace(" ", ""))
             assert sc.MIN_DIGITS <= len(ans.split()) <= sc.MAX_DIGITS
-        for row in sc.read_jsonl(corpus[f"tts_{split}"]):
+        for row in read_jsonl(corpus[f"tts_{split}"]):
             user, ans = row["messages"][0]["content"], row["messages"][1]["content"]
             assert ans == "<audio>" and "<audio>" not in user
             assert user == "Say: " + " ".join(labels[row["audios"][0]])
     question_to_task = {q: t for t, q in sc.CHAT_QUESTIONS.items()}
     seen = set()
     for split in ("train", "eval"):
-        for row in sc.read_jsonl(corpus[f"chat_{split}"]):
+        for row in read_jsonl(corpus[f"chat_{split}"]):
             msgs, (a, b) = row["messages"], row["audios"]
             assert a != b and a.startswith(f"audio/{split}_") and b.startswith(f"audio/{split}_")
             assert all(msgs[i]["content"].startswith("<audio>") for i in (0, 2))
@@ -188,8 +189,8 @@ def test_wavs_16k_mono_in_duration_range(corpus):
 
 
 def test_eval_disjoint_from_train(corpus):
-    train = [r["messages"][-1]["content"] for r in sc.read_jsonl(corpus["asr_train"])]
-    evals = [r["messages"][-1]["content"] for r in sc.read_jsonl(corpus["asr_eval"])]
+    train = [r["messages"][-1]["content"] for r in read_jsonl(corpus["asr_train"])]
+    evals = [r["messages"][-1]["content"] for r in read_jsonl(corpus["asr_eval"])]
     assert len(set(evals)) == len(evals)
     assert not set(evals) & set(train)
     tr, ev = sc.draw_digit_strings(3000, 300, seed=0)
@@ -199,7 +200,7 @@ def test_eval_disjoint_from_train(corpus):
 
 def test_bad_rows(corpus):
     root = corpus["bad_rows"].parent
-    rows = sc.read_jsonl(corpus["bad_rows"])
+    rows = read_jsonl(corpus["bad_rows"])
     expected = json.loads(corpus["bad_rows_expected"].read_text())
     assert sorted(expected, key=int) == [str(i) for i in range(1, len(rows) + 1)]
     assert set(expected.values()) == {"missing", "mismatch", "empty", "unreadable", "too long"}
@@ -245,7 +246,7 @@ def test_espeak_voice(tmp_path):
     assert meta["voice"] == "espeak"
     if shutil.which("sox"):
         assert meta["sample_rate"] == 16000
-    for row in sc.read_jsonl(paths["asr_train"]) + sc.read_jsonl(paths["asr_eval"]):
+    for row in read_jsonl(paths["asr_train"]) + sc.read_jsonl(paths["asr_eval"]):
         with wave.open(str(tmp_path / row["audios"][0]), "rb") as w:
             assert w.getnchannels() == 1 and w.getframerate() == meta["sample_rate"]
             assert w.getnframes() / w.getframerate() > 0.3
