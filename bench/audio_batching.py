@@ -15,8 +15,8 @@ bucketing also cuts the zero-padding of the ``[n_clips, 128, T_max]`` log-mel ba
    backward + AdamW, fp32, encoder trained) over the whole epoch, for both plans, on the same initial
    weights. Every row is seen exactly once per timed epoch, so both plans do the same useful work.
 
-    python bench/audio_batching.py             # default: 240 rows, batch 8, one epoch per plan
-    python bench/audio_batching.py --quick     # smoke run: 64 rows
+    python bench/audio_batching.py             # default: 240 rows, batch 8, 3 timed epochs per plan
+    python bench/audio_batching.py --quick     # smoke run: 32 rows
 """
 
 from __future__ import annotations
@@ -121,13 +121,12 @@ def hf_length_grouped(tok_lens: list[int], batch_size: int, seed: int) -> list[l
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def time_collate(batches, examples, pad_id, clip_features, collate) -> dict:
+def time_collate(batches, examples, pad_id, clip_features, collate) -> float:
+    """Seconds to collate (log-mel extraction included) every batch of one epoch."""
     t0 = time.perf_counter()
     for b in batches:
         collate([[i] for i in b], examples, pad_id=pad_id, packing=False, audio_features=clip_features)
-    secs = time.perf_counter() - t0
-    n = sum(len(b) for b in batches)
-    return {"seconds": secs, "samples": n, "samples_per_s": n / secs}
+    return time.perf_counter() - t0
 
 
 def time_train(batches, warmup_batches, examples, pad_id, clip_features, collate, make_model, lr) -> dict:
@@ -150,7 +149,7 @@ def time_train(batches, warmup_batches, examples, pad_id, clip_features, collate
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss), batch
+        return float(loss.detach()), batch
 
     for b in warmup_batches:
         step(b)
@@ -185,25 +184,29 @@ def time_train(batches, warmup_batches, examples, pad_id, clip_features, collate
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="64 rows, 1 warmup step")
-    ap.add_argument("--rows", type=int, default=None, help="rows in the corpus (default 240, --quick 64)")
+    ap.add_argument("--quick", action="store_true", help="32 rows, 1 warmup step")
+    ap.add_argument("--rows", type=int, default=None, help="rows in the corpus (default 240, --quick 32)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-concat", type=int, default=8, help="utterances concatenated per row: 1..this")
     ap.add_argument("--warmup", type=int, default=None, help="untimed train steps before each timed epoch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1; 0 = all usable cores; on a shared machine more threads mostly measure contention)")
+    ap.add_argument("--train-rounds", type=int, default=None, help="timed train epochs per plan (default 3, --quick 1)")
+    ap.add_argument("--collate-rounds", type=int, default=4, help="timed collate epochs per plan (median kept)")
     ap.add_argument("--skip-train", action="store_true", help="padding and collate only")
     ap.add_argument("--work-dir", default=None, help="keep the corpus and tokenizer here")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "audio_batching.json"))
     args = ap.parse_args(argv)
-    rows = args.rows or (64 if args.quick else 240)
+    rows = args.rows or (32 if args.quick else 240)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
 
     info = machine_info()
     import torch
 
     torch.set_num_threads(args.threads or info["cores_usable"])
+    args.train_rounds = args.train_rounds or (1 if args.quick else 3)
 
     from data_pipelines.demo_tokenizer import train_demo_tokenizer
     from steptrain.audio.features import num_frames
@@ -255,25 +258,42 @@ def main(argv: list[str] | None = None) -> dict:
 
     collate_t, train_t = {}, {}
     pad_id = tok.pad_token_id
-    # warm the feature path (FFT plans, allocator) once, untimed
-    collate([[0]], examples, pad_id=pad_id, packing=False, audio_features=clip_features)
-    for name in ("bucketed", "random"):
-        collate_t[name] = time_collate(plans[name], examples, pad_id, clip_features, collate)
+    # One untimed pass over every clip first (FFT plans for every clip length, allocator growth), then
+    # args.collate_rounds rounds in alternating order (ABBA...); the median round is reported.
+    time_collate(plans["random"], examples, pad_id, clip_features, collate)
+    rounds: dict[str, list[float]] = {"bucketed": [], "random": []}
+    for r in range(args.collate_rounds):
+        for name in ("bucketed", "random") if r % 2 == 0 else ("random", "bucketed"):
+            rounds[name].append(time_collate(plans[name], examples, pad_id, clip_features, collate))
+    for name, secs in rounds.items():
+        n = len(examples)
+        med = float(np.median(secs))
+        collate_t[name] = {"seconds_per_epoch": secs, "median_seconds": med, "samples": n, "samples_per_s": n / med}
         print(f"collate {name}: {collate_t[name]['samples_per_s']:.1f} samples/s", flush=True)
     if not args.skip_train:
         warm = plan(False, epoch=1)[:warmup]  # untimed steps on another epoch's (random) batches
-        for name in ("bucketed", "random"):
-            train_t[name] = time_train(plans[name], warm, examples, pad_id, clip_features, collate, make_model,
-                                       args.lr)
-            print(f"train {name}: {train_t[name]['samples_per_s']:.2f} samples/s "
-                  f"({train_t[name]['seconds']:.1f} s)", flush=True)
+        runs: dict[str, list[dict]] = {"bucketed": [], "random": []}
+        for r in range(args.train_rounds):  # alternating order (AB BA AB ...), fresh model each epoch
+            for name in ("bucketed", "random") if r % 2 == 0 else ("random", "bucketed"):
+                load_before = list(os.getloadavg())
+                run = time_train(plans[name], warm, examples, pad_id, clip_features, collate, make_model, args.lr)
+                run["load_avg_before"] = load_before
+                run["seconds_per_step"] = run["seconds"] / len(plans[name])
+                runs[name].append(run)
+                print(f"train {name} round {r}: {run['samples_per_s']:.2f} samples/s ({run['seconds']:.1f} s)",
+                      flush=True)
+        for name, rs in runs.items():
+            med = float(np.median([x["seconds"] for x in rs]))
+            train_t[name] = {**rs[0], "seconds": med, "samples_per_s": rs[0]["samples"] / med,
+                             "rounds": rs}
     load_end = list(os.getloadavg())
 
     result = {
         "settings": {"rows": rows, "examples": len(examples), "batch_size": args.batch_size,
                      "max_concat": args.max_concat, "warmup_steps": warmup, "seed": args.seed, "lr": args.lr,
                      "threads": torch.get_num_threads(), "quick": args.quick, "model": "tiny-speech",
-                     "freeze_encoder": False, "precision": "fp32"},
+                     "freeze_encoder": False, "precision": "fp32",
+                     "train_rounds": args.train_rounds, "collate_rounds": args.collate_rounds},
         "data": {
             "seconds_to_build": data_secs,
             "duration_s": {"min": min(durations), "median": float(np.median(durations)),
