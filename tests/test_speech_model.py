@@ -333,7 +333,7 @@ def test_step_audio_2_mini_config_param_count(model):
     encoder, adapter = _analytic_counts(enc, llm.hidden_size)
     assert encoder == 635_048_960  # Whisper-large-v3 encoder size
     assert adapter == 14_883_584
-    assert set(SPEECH_PRESETS) == {"tiny-speech", "step-audio-2-mini"}
+    assert {"tiny-speech", "step-audio-2-mini"} <= set(SPEECH_PRESETS)
 
 
 class _FakeTokenizer:
