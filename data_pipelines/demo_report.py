@@ -16,10 +16,16 @@ def report(run_dir: str | Path, export_dir: str | Path) -> str:
     if len(evals) < 2:
         raise SystemExit(f"{run_dir}/metrics.jsonl: expected evaluations before and after training")
     first, last = evals[0], evals[-1]
+    cer = (
+        [f"held-out CER:         {100 * first['eval/cer']:.1f}% -> {100 * last['eval/cer']:.1f}%"]
+        if "eval/cer" in last
+        else []
+    )
     return "\n".join([
         "",
         f"held-out exact match: {100 * first['eval/exact_match']:.1f}% (step {first['step']}) -> "
         f"{100 * last['eval/exact_match']:.1f}% (step {last['step']}), on {last['eval/generated']} prompts",
+        *cer,
         f"held-out loss:        {first['eval/loss']:.3f} -> {last['eval/loss']:.3f} nats/token",
         f"loss curve:           {Path(run_dir) / 'loss.png'}",
         f"exported HF model:    {Path(export_dir).resolve()}",
