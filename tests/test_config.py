@@ -120,3 +120,9 @@ def test_every_experiment_composes(base, name):
 
 def test_audio_tokenizer_needs_audio_codes(base):
     assert "needs model.audio_codes > 0" in error_of([*base, "data.audio_tokenizer=kmeans:/x"])
+
+
+def test_dict_fields_take_new_keys_from_the_command_line(base):
+    cfg = load_config([*base, "optim.lr_mult={embed_tokens:5.0,lm_head:2}"])
+    assert cfg.optim.lr_mult == {"embed_tokens": 5.0, "lm_head": 2.0}
+    assert "wrong type" in error_of([*base, "optim.lr_mult={embed_tokens:fast}"])

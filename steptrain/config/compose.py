@@ -48,6 +48,24 @@ def _schema_keys(dotted: str) -> list[str] | None:
     return sorted(f.name for f in fields(node)) if is_dataclass(node) else None
 
 
+def _dict_keys(node: object = TrainConfig, prefix: str = "") -> set[str]:
+    """Dotted names of free-form dict fields (e.g. optim.lr_mult)."""
+    out = set()
+    for f in fields(node):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if is_dataclass(default):
+            out |= _dict_keys(default, f"{prefix}{f.name}.")
+        elif isinstance(default, dict):
+            out.add(prefix + f.name)
+    return out
+
+
+def _dict_overrides(overrides: list[str]) -> list[str]:
+    """``optim.lr_mult={a:1}`` -> ``++optim.lr_mult={a:1}``: a free-form dict takes new keys from the CLI."""
+    keys = _dict_keys()
+    return [f"++{o}" if o.split("=", 1)[0] in keys else o for o in overrides]
+
+
 def _explain(exc: Exception) -> str:
     """One readable message from a Hydra/OmegaConf error, with the valid keys where we can name them."""
     text = str(exc).strip()
@@ -81,7 +99,7 @@ def load_config(overrides: list[str], config_dir: str | Path | None = None) -> D
     cdir = Path(config_dir) if config_dir else default_config_dir()
     try:
         with initialize_config_dir(config_dir=str(cdir), version_base=None):
-            cfg = compose(config_name="train", overrides=list(overrides))
+            cfg = compose(config_name="train", overrides=_dict_overrides(list(overrides)))
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(_explain(exc)) from None
