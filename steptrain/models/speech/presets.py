@@ -15,34 +15,25 @@ from typing import Any
 from steptrain.models.presets import preset_config
 from steptrain.models.speech.configuration import AudioEncoderConfig, SpeechLMConfig
 
-SPEECH_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny-speech": {
-        "encoder": {
-            "n_mels": 128,
-            "d_model": 64,
-            "n_heads": 2,
-            "n_layers": 2,
-            "max_source_positions": 1500,
-            "adapter_hidden": 128,
-        },
-        "llm_preset": "tiny",
+_TINY_SPEECH: dict[str, Any] = {
+    "encoder": {
+        "n_mels": 128,
+        "d_model": 64,
+        "n_heads": 2,
+        "n_layers": 2,
+        "max_source_positions": 1500,
+        "adapter_hidden": 128,
     },
+    "llm_preset": "tiny",
+}
+
+SPEECH_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-speech": _TINY_SPEECH,
     # The speech demo (configs/experiment/asr_demo.yaml): tiny-speech with a larger initialisation of
     # the encoder + adapter Linear/Conv1d weights (std 0.1 instead of 0.02; the LLM keeps its own 0.02).
     # At std 0.02 the conv front end's output is ~1% of the sinusoidal position table it is added to,
     # so a random encoder's output barely depends on the audio; at 0.1 it is ~35%.
-    "demo-speech": {
-        "encoder": {
-            "n_mels": 128,
-            "d_model": 64,
-            "n_heads": 2,
-            "n_layers": 2,
-            "max_source_positions": 1500,
-            "adapter_hidden": 128,
-            "initializer_range": 0.1,
-        },
-        "llm_preset": "tiny",
-    },
+    "demo-speech": {**_TINY_SPEECH, "encoder": {**_TINY_SPEECH["encoder"], "initializer_range": 0.1}},
     "step-audio-2-mini": {
         "encoder": {
             "n_mels": 128,
