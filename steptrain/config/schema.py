@@ -72,10 +72,23 @@ class PeftConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "single"  # single | ddp
+    name: str = "single"  # single | ddp | deepspeed
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     device: str = "auto"  # auto | cpu | cuda
     find_unused_parameters: bool = False
+    # --- deepspeed only (engine=deepspeed) ---
+    zero_stage: int = 3  # 1 | 2 | 3
+    offload_optimizer: str = "none"  # none | cpu: optimizer states (and the update) in host memory
+    offload_param: str = "none"  # none | cpu: ZeRO-3 parameter partitions in host memory
+    # Build pretrained models already partitioned (zero.Init), so a model larger than one rank fits.
+    zero_init: bool = True
+    # DeepSpeed's C++ Adam (needed to train fast with an offloaded optimizer; compiles on first use).
+    # false: torch.optim.AdamW, nothing compiles.
+    ds_cpu_adam: bool = False
+    # Also write the gathered trainable weights (model.safetensors) at every checkpoint. Cheap for LoRA;
+    # for full fine-tuning of a large model set false: export then consolidates the ZeRO shards.
+    consolidate_on_save: bool = True
+    config_file: str | None = None  # a DeepSpeed JSON to start from; checked against steptrain's settings
 
 
 @dataclass
@@ -146,7 +159,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.truncation": ("right", "left", "drop"),
     "data.on_error": ("error", "skip"),
     "peft.method": ("none", "lora"),
-    "engine.name": ("single", "ddp"),
+    "engine.name": ("single", "ddp", "deepspeed"),
+    "engine.zero_stage": (1, 2, 3),
+    "engine.offload_optimizer": ("none", "cpu"),
+    "engine.offload_param": ("none", "cpu"),
     "engine.backend": ("auto", "gloo", "nccl"),
     "engine.device": ("auto", "cpu", "cuda"),
     "optim.scheduler": ("cosine", "linear", "constant"),

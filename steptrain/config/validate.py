@@ -30,7 +30,7 @@ def validate(cfg: DictConfig) -> None:
     for key, valid in CHOICES.items():
         value = _get(cfg, key)
         if value not in valid:
-            fail(f"{key}={value!r} is not one of: {', '.join(valid)}")
+            fail(f"{key}={value!r} is not one of: {', '.join(map(str, valid))}")
 
     if OmegaConf.is_missing(cfg, "output_dir") or not cfg.output_dir:
         fail("output_dir is required (output_dir=DIR)")
@@ -112,6 +112,11 @@ def validate(cfg: DictConfig) -> None:
         fail("engine.backend=nccl needs engine.device=cuda (use gloo on CPU)")
     if t.precision == "fp16" and e.device == "cpu":
         fail("trainer.precision=fp16 is not supported on CPU (use bf16 or fp32)")
+    if e.name == "deepspeed":
+        if e.offload_param != "none" and e.zero_stage != 3:
+            fail(f"engine.offload_param={e.offload_param} needs engine.zero_stage=3 (got {e.zero_stage})")
+        if e.config_file and not Path(e.config_file).is_file():
+            fail(f"engine.config_file={e.config_file!r} does not exist")
 
     r = cfg.resume
     if r not in ("auto", "none") and not Path(r).is_dir():

@@ -1,13 +1,13 @@
-"""Engines: single | ddp (later deepspeed, megatron) behind one interface (see base.py)."""
+"""Engines: single | ddp | deepspeed (later megatron) behind one interface (see base.py)."""
 
 from __future__ import annotations
 
 from steptrain.engines.base import Engine
 
-ENGINES = ("single", "ddp")
+ENGINES = ("single", "ddp", "deepspeed")
 
 
-def build_engine(engine_cfg, trainer_cfg) -> Engine:
+def build_engine(engine_cfg, trainer_cfg, optim_cfg) -> Engine:
     if engine_cfg.name == "single":
         from steptrain.engines.single import SingleEngine
 
@@ -16,6 +16,10 @@ def build_engine(engine_cfg, trainer_cfg) -> Engine:
         from steptrain.engines.ddp import DDPEngine
 
         return DDPEngine(engine_cfg, trainer_cfg)
+    if engine_cfg.name == "deepspeed":
+        from steptrain.engines.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(engine_cfg, trainer_cfg, optim_cfg)
     raise ValueError(f"engine.name={engine_cfg.name!r} is not one of: {', '.join(ENGINES)}")
 
 

@@ -31,6 +31,9 @@ class Engine(ABC):
         self.scheduler = None
 
     # --- topology -------------------------------------------------------------------------------
+    # True when every rank must run every forward together (ZeRO-3 parameter gathers, model
+    # parallelism): evaluation and generation then give each rank the same number of batches.
+    lockstep: bool = False
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -54,6 +57,10 @@ class Engine(ABC):
         """Release process groups and other resources."""
 
     # --- training ---------------------------------------------------------------------------------
+    def init_context(self, model_cfg):
+        """Context in which the recipe builds the model (e.g. partitioned at construction)."""
+        return contextlib.nullcontext()
+
     @abstractmethod
     def prepare(self, model, param_groups: list[dict], optim_cfg, total_steps: int):
         """Place/wrap the model and build the optimizer and scheduler; returns (model, optimizer, scheduler)."""

@@ -37,10 +37,14 @@ def param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
     return list(groups.values())
 
 
+def optimizer_groups(groups: list[dict]) -> list[dict]:
+    """``groups`` without the bookkeeping keys an optimizer does not take."""
+    return [{k: v for k, v in g.items() if k != "names"} for g in groups]
+
+
 def build_optimizer(groups: list[dict], optim_cfg) -> torch.optim.Optimizer:
-    clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     return torch.optim.AdamW(
-        clean, lr=float(optim_cfg.lr), betas=tuple(optim_cfg.betas), eps=float(optim_cfg.eps)
+        optimizer_groups(groups), lr=float(optim_cfg.lr), betas=tuple(optim_cfg.betas), eps=float(optim_cfg.eps)
     )
 
 

@@ -13,6 +13,19 @@ from steptrain.objectives import lm_loss_sum, stats_vector, summarize_stats
 from steptrain.rollout import generate_greedy
 
 
+def rank_share(engine, items: list) -> tuple[list, int]:
+    """This rank's items (every world_size-th) and how many of them count.
+
+    On a lockstep engine (ZeRO-3, model parallel) every rank must run the same number of forwards, so
+    a short share is padded with copies of the first item, which are run but not counted.
+    """
+    mine = items[engine.rank :: engine.world_size]
+    if not engine.lockstep or not items:
+        return mine, len(mine)
+    rounds = -(-len(items) // engine.world_size)
+    return mine + [items[0]] * (rounds - len(mine)), len(mine)
+
+
 @torch.no_grad()
 def evaluate_loss(
     engine, examples, *, batch_size: int, max_length: int, pad_id: int, max_batches: int = 0, audio_features=None,
@@ -29,12 +42,14 @@ def evaluate_loss(
     if max_batches:
         plan = plan[:max_batches]
     totals = stats_vector({})
-    for rows in plan[engine.rank :: engine.world_size]:
+    mine, counted = rank_share(engine, plan)
+    for i, rows in enumerate(mine):
         batch = {k: v.to(engine.device) for k, v in collate(rows, examples, pad_id=pad_id, packing=False, audio_features=audio_features).items() if v is not None}
         with engine.autocast():
             logits = lm_logits(model, batch)
-        _, m = lm_loss_sum(logits, batch["labels"], audio_ids)
-        totals += stats_vector(m)
+        if i < counted:
+            _, m = lm_loss_sum(logits, batch["labels"], audio_ids)
+            totals += stats_vector(m)
     model.train(was_training)
     engine.all_reduce(totals)
     return summarize_stats(totals, prefix="eval/")
@@ -50,7 +65,7 @@ def generation_metrics(
     With ``audio`` (a speech model), the prompt's ``<audio>`` tags become placeholder spans and the
     clips' features (``audio_features(clip)``) go to the model with it.
     """
-    mine = rows[engine.rank :: engine.world_size]
+    mine, counted = rank_share(engine, rows)
     prompts, refs, clips = [], [], []
     for n, row in enumerate(mine):
         messages = row_messages(row)
@@ -66,10 +81,14 @@ def generation_metrics(
         prompts.append(ids)
         clips.append([audio_features(c) for c in row_clips])
     preds = (
-        generate_greedy(engine.module, tokenizer, prompts, max_new_tokens=max_new_tokens, audio=clips or None)
+        generate_greedy(
+            engine.module, tokenizer, prompts, max_new_tokens=max_new_tokens, audio=clips or None,
+            synced=engine.lockstep,
+        )
         if prompts
         else []
     )
+    preds, refs = preds[:counted], refs[:counted]
     preds, refs = _gather_pairs(engine, preds, refs)
     hits = sum(p == r for p, r in zip(preds, refs, strict=True))
     rates = {f"eval/{k}": v for k, v in error_rates(preds, refs).items()}

@@ -19,6 +19,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SPEECH_TOKENS = ("<audio_start>", "<audio_end>", "<audio_patch>")
 
 
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's logical shape, also when ZeRO-3 holds only a partition of it (``ds_shape``)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
 def is_speech_config(model_cfg) -> bool:
     """Whether the config describes an encoder + adapter + LLM speech model."""
     if model_cfg.llm_path:
@@ -99,7 +104,7 @@ def load_model(model_cfg, tokenizer) -> tuple[PreTrainedModel, list[int]]:
     if speech:  # the run decides, also for a saved speech model
         model.config.freeze_encoder = model_cfg.freeze_encoder
         model.audio_encoder.requires_grad_(not model_cfg.freeze_encoder)
-    old_vocab = model.get_input_embeddings().weight.shape[0]
+    old_vocab = full_shape(model.get_input_embeddings().weight)[0]
     new_ids: list[int] = []
     if len(tokenizer) > old_vocab:
         # Mean-initialised rows for tokens the tokenizer has and the checkpoint lacks.

@@ -9,6 +9,8 @@ from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
+from steptrain.models.loader import full_shape
+
 log = logging.getLogger(__name__)
 
 
@@ -53,6 +55,6 @@ def apply_lora(model: PreTrainedModel, peft_cfg, new_token_ids: list[int]):
 
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(full_shape(p).numel() for p in model.parameters())
+    trainable = sum(full_shape(p).numel() for p in model.parameters() if p.requires_grad)
     return trainable, total

@@ -96,7 +96,7 @@ def total_steps(cfg, plans: EpochPlans) -> int:
 
 def run(cfg) -> dict:
     """Train according to ``cfg``; returns the last train and eval metrics."""
-    engine = build_engine(cfg.engine, cfg.trainer)
+    engine = build_engine(cfg.engine, cfg.trainer, cfg.optim)
     try:
         return _train(cfg, engine)
     finally:
@@ -136,7 +136,8 @@ def _train(cfg, engine) -> dict:
 
     # --- model, optimizer, engine --------------------------------------------------------------------
     seed_everything(cfg.trainer.seed)  # export re-seeds the same way to rebuild a preset's random base
-    model, new_ids = load_model(cfg.model, tokenizer)
+    with engine.init_context(cfg.model):
+        model, new_ids = load_model(cfg.model, tokenizer)
     if cfg.peft.method == "lora":
         model = apply_lora(model, cfg.peft, new_ids)
     trainable, total = count_parameters(model)

@@ -16,11 +16,13 @@ def generate_greedy(
     max_new_tokens: int,
     batch_size: int = 16,
     audio: list[list[torch.Tensor]] | None = None,
+    synced: bool = False,
 ) -> list[str]:
     """Decode each prompt greedily; returns the generated text only (special tokens removed).
 
     ``prompts`` are texts or token ids. For a speech model, ``audio[i]`` holds the log-mel features of
-    the clips whose placeholder spans prompt ``i`` contains, in order.
+    the clips whose placeholder spans prompt ``i`` contains, in order. ``synced``: every rank calls
+    this with the same number of prompts and keeps stepping until all ranks finish (ZeRO-3).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -51,6 +53,7 @@ def generate_greedy(
                 eos_token_id=eos,
                 pad_token_id=pad,
                 use_cache=True,
+                synced_gpus=synced,
                 **extra,
             )
             for row in out[:, width:]:

@@ -347,7 +347,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         else:
             if input_ids is not None and self.config.audio_patch_id is not None:
                 n_patch = int((input_ids == self.config.audio_patch_id).sum())
-                prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+                cache = _kv_cache(past_key_values, kwargs)
+                prefill = cache is None or cache.get_seq_length() == 0
                 if n_patch and prefill:
                     raise ValueError(
                         f"audio patch mismatch: input_ids hold {n_patch} <audio_patch> position(s) "
@@ -365,13 +366,14 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
                 dummy = torch.zeros(1, n_mels, 8, device=p.device, dtype=p.dtype)
                 out, _ = self.encode_audio(dummy)
                 inputs_embeds = inputs_embeds + 0.0 * out.sum().to(inputs_embeds.dtype)
+        if past_key_values is not None:  # forward the cache under the name it came with
+            kwargs["past_key_values"] = past_key_values
         return self.llm(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             labels=labels,
             use_cache=use_cache,
-            past_key_values=past_key_values,
             **kwargs,
         )
 
@@ -381,10 +383,13 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         """Audio goes only into the prefill step: later steps feed one new token against the cache."""
         audio_features = kwargs.pop("audio_features", None)
         audio_lengths = kwargs.pop("audio_lengths", None)
+        cache = _kv_cache(past_key_values, kwargs)
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
+            input_ids, is_first_iteration=is_first_iteration, **kwargs
         )
-        cached = past_key_values is not None and past_key_values.get_seq_length() > 0
+        cached = cache is not None and cache.get_seq_length() > 0
         use_cache = kwargs.get("use_cache", True)
         if (is_first_iteration or not use_cache) and not cached:
             model_inputs["audio_features"] = audio_features
@@ -467,6 +472,11 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             model.audio_encoder.requires_grad_(False)
         model.generation_config = model.llm.generation_config
         return model
+
+
+def _kv_cache(past_key_values, kwargs: dict):
+    """The KV cache, passed as ``past_key_values`` (transformers < 5.24) or ``cache`` (>= 5.24)."""
+    return past_key_values if past_key_values is not None else kwargs.get("cache")
 
 
 def _patch_runs(patch_mask: torch.Tensor) -> list[int]:
