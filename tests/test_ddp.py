@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from tests.conftest import base_overrides, run_cli, train_losses
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+from tests.conftest import TORCHRUN, base_overrides, run_cli, train_losses
 
 
 @pytest.mark.slow

@@ -2,32 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 
-from tests.conftest import ROOT, base_overrides, read_metrics, run_cli, train_losses
+from tests.conftest import base_overrides, kill_mid_run, read_metrics, run_cli, train_losses
 
 STEPS = 30
-
-
-def _kill_mid_run(args: list[str], out, at_step: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "steptrain", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    metrics = out / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and sum(1 for ln in metrics.read_text().splitlines() if '"loss"' in ln) >= at_step:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed; raise STEPS"
 
 
 @pytest.mark.slow
@@ -45,7 +24,7 @@ def test_sigkill_and_resume_matches_uninterrupted(assets, tmp_path, extra):
     run_cli(["train", *base_overrides(assets, ref, *common)])
 
     args = base_overrides(assets, broken, *common)
-    _kill_mid_run(["train", *args], broken, at_step=11)
+    kill_mid_run(["train", *args], broken, at_step=11)
     survivors = sorted(p.name for p in (broken / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert survivors, "no checkpoint survived the kill"
     run_cli(["train", *args, "resume=auto"])

@@ -213,3 +213,19 @@ def _refuse_empty(state: dict[str, torch.Tensor]) -> None:
     empty = [n for n, t in state.items() if t.numel() == 0]
     if empty:
         raise RuntimeError(f"gathered weights with zero elements: {empty[:3]} (a ZeRO-3 partition was not gathered)")
+
+
+def consolidate_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor] | None:
+    """fp32 weights rebuilt from the ZeRO shards of a steptrain checkpoint (None: not a DeepSpeed one).
+
+    One process, no launcher: used by ``steptrain export`` when the run did not write model.safetensors
+    (``engine.consolidate_on_save=false``). Holds the full trainable model in host memory.
+    """
+    if not (Path(ckpt_dir) / TAG).is_dir():
+        return None
+    _import_deepspeed(on_gpu=torch.cuda.is_available())
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=TAG)
+    _refuse_empty(state)
+    return state

@@ -61,12 +61,14 @@ class TorchEngine(Engine):
         self.scheduler.load_state_dict(torch.load(ckpt_dir / SCHEDULER, weights_only=True, map_location="cpu"))
 
 
-def load_trainable(module: torch.nn.Module, path: Path) -> None:
-    """Load saved trainable weights; every trainable parameter must be present and nothing unknown."""
-    state = load_file(str(path))
+def load_trainable(module: torch.nn.Module, weights: Path | dict[str, torch.Tensor], source: str = "") -> None:
+    """Load saved trainable weights (a file or a state dict); every trainable parameter must be present
+    and nothing unknown."""
+    state = load_file(str(weights)) if isinstance(weights, Path) else weights
+    path = source or weights
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     missing = sorted(trainable - state.keys())
-    unknown = sorted(set(state) - {n for n, _ in module.named_parameters()})
+    unknown = sorted(set(state) - set(module.state_dict()))  # buffers and tied aliases are known names
     if missing or unknown:
         raise ValueError(
             f"{path}: does not match the model: missing {missing[:5]} unknown {unknown[:5]} "
@@ -75,4 +77,5 @@ def load_trainable(module: torch.nn.Module, path: Path) -> None:
     params = dict(module.named_parameters())
     with torch.no_grad():
         for name, tensor in state.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+            if name in params:
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))

@@ -36,7 +36,15 @@ def rebuild_from_checkpoint(ckpt_dir: str | Path):
     model, new_ids = load_model(cfg.model, tokenizer)
     if cfg.peft.method == "lora":
         model = apply_lora(model, cfg.peft, new_ids)
-    load_trainable(model, ckpt / WEIGHTS)
+    if (ckpt / WEIGHTS).exists():
+        load_trainable(model, ckpt / WEIGHTS)
+    else:
+        from steptrain.engines.deepspeed_engine import consolidate_checkpoint
+
+        state = consolidate_checkpoint(ckpt)
+        if state is None:
+            raise ExportError(f"{ckpt}: holds neither {WEIGHTS} nor DeepSpeed shards")
+        load_trainable(model, state, source=f"{ckpt} (consolidated ZeRO shards)")
     model.eval()
     return model, tokenizer, cfg
 

@@ -399,19 +399,7 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
     # --- assembly and encoder checkpoints -------------------------------------------------------
     def save_encoder(self, directory: str | os.PathLike) -> None:
         """Save encoder + adapter weights (safetensors) and their config to ``directory``."""
-        os.makedirs(directory, exist_ok=True)
-        state = {f"audio_encoder.{k}": v for k, v in self.audio_encoder.state_dict().items()}
-        state.update({f"audio_adapter.{k}": v for k, v in self.audio_adapter.state_dict().items()})
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in state.items()},
-            os.path.join(directory, ENCODER_WEIGHTS),
-        )
-        meta = {
-            "encoder_config": self.config.encoder_config.to_dict(),
-            "llm_hidden_size": self.config.llm_config.hidden_size,
-        }
-        with open(os.path.join(directory, ENCODER_CONFIG), "w") as f:
-            json.dump(meta, f, indent=2)
+        save_audio_encoder(directory, self.audio_encoder, self.audio_adapter, self.config.llm_config.hidden_size)
 
     def load_encoder(self, directory: str | os.PathLike) -> None:
         """Load weights written by :meth:`save_encoder` (sizes must match this model's)."""
@@ -472,6 +460,23 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             model.audio_encoder.requires_grad_(False)
         model.generation_config = model.llm.generation_config
         return model
+
+
+def save_audio_encoder(
+    directory: str | os.PathLike, encoder: WhisperStyleEncoder, adapter: AudioAdapter, llm_hidden_size: int
+) -> None:
+    """Write ``encoder`` + ``adapter`` as :meth:`SpeechLMForCausalLM.load_encoder` reads them (also
+    for an encoder trained on its own, e.g. by data_pipelines.pretrain_audio_encoder)."""
+    os.makedirs(directory, exist_ok=True)
+    state = {f"audio_encoder.{k}": v for k, v in encoder.state_dict().items()}
+    state.update({f"audio_adapter.{k}": v for k, v in adapter.state_dict().items()})
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in state.items()},
+        os.path.join(directory, ENCODER_WEIGHTS),
+    )
+    meta = {"encoder_config": encoder.config.to_dict(), "llm_hidden_size": llm_hidden_size}
+    with open(os.path.join(directory, ENCODER_CONFIG), "w") as f:
+        json.dump(meta, f, indent=2)
 
 
 def _kv_cache(past_key_values, kwargs: dict):
