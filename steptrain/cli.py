@@ -88,6 +88,8 @@ def cmd_eval(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steptrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The `deepspeed` launcher passes --local_rank=N before the verb; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="verb", required=True)
     for verb, fn, help_ in (("train", cmd_train, "train with Hydra overrides"),
                             ("config", cmd_config, "print the resolved config and exit")):

@@ -47,7 +47,8 @@ def base_overrides(assets, out, *extra) -> list[str]:
 def run_cli(args: list[str], *, launcher: list[str] | None = None, timeout: int = 600, check: bool = True):
     """Run `python -m steptrain ...` (or under torchrun) in a fresh process, as a user would."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = (launcher or [sys.executable]) + ["-m", "steptrain", *args]
+    module = [] if launcher and launcher[-1] == "--module" else ["-m"]  # the deepspeed launcher takes --module
+    cmd = (launcher or [sys.executable]) + [*module, "steptrain", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")

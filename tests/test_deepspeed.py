@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import re
 import subprocess
 
@@ -20,6 +21,8 @@ from steptrain.engines.deepspeed_config import deepspeed_config
 from tests.conftest import ROOT, TORCHRUN, base_overrides, kill_mid_run, read_metrics, run_cli, train_losses
 
 DS = ["engine=deepspeed"]
+# DeepSpeed's own launcher (`deepspeed --num_gpus 2 --module steptrain ...`); it counts CPU "devices".
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--module"]
 
 
 def _base(tmp_path) -> list[str]:
@@ -81,16 +84,17 @@ def test_contradictory_deepspeed_settings_fail_before_loading(tmp_path, jsonl):
 
 
 @pytest.mark.slow
-def test_zero2_and_zero3_follow_the_single_process_loss_curve(assets, tmp_path):
+def test_zero2_and_zero3_follow_the_single_process_loss_curve(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     # Eval with 5 generated rows on 2 ranks: an uneven split that ZeRO-3 must run in lockstep.
     common = ["trainer.max_steps=5", "trainer.batch_size=2", f"data.eval_files=[{assets['eval']}]",
               "trainer.eval_batches=3", "trainer.generate_eval=5", "trainer.max_new_tokens=4"]
     run_cli(["train", *base_overrides(assets, tmp_path / "single", *common, "trainer.grad_accum=2")])
     single = train_losses(tmp_path / "single")
     single_eval = [r for r in read_metrics(tmp_path / "single") if "eval/loss" in r]
-    for stage in (2, 3):
+    for stage, launcher in ((2, DEEPSPEED), (3, TORCHRUN)):
         out = tmp_path / f"zero{stage}"
-        run_cli(["train", *base_overrides(assets, out, *common, *DS, f"engine.zero_stage={stage}")], launcher=TORCHRUN)
+        run_cli(["train", *base_overrides(assets, out, *common, *DS, f"engine.zero_stage={stage}")], launcher=launcher)
         got = train_losses(out)
         assert sorted(got) == [1, 2, 3, 4, 5]
         for step in single:
