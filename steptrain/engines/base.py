@@ -53,6 +53,14 @@ class Engine(ABC):
         """Reduce ``tensor`` over ranks in place and return it (sum | max | min)."""
         return tensor
 
+    def peak_memory_gb(self) -> float:
+        """This rank's peak memory so far: allocated device memory on GPU, resident set size on CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
     def close(self) -> None:  # noqa: B027
         """Release process groups and other resources."""
 

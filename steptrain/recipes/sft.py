@@ -232,6 +232,7 @@ def _train(cfg, engine) -> dict:
             state["cursor"] += per_step
             state["tokens_seen"] += real_tokens
             dt = time.perf_counter() - t0
+            peak_mem = engine.all_reduce(torch.tensor([engine.peak_memory_gb()]), op="max")[0].item()
             last_train = {
                 "step": state["step"],
                 "epoch": state["epoch"],
@@ -242,6 +243,7 @@ def _train(cfg, engine) -> dict:
                 "label_tokens": int(n_global),
                 "tokens_per_s": real_tokens / dt,
                 "step_time": dt,
+                "peak_mem_gb": peak_mem,  # the largest rank's
             }
             logger.log(last_train)
             if cfg.trainer.eval_every and state["step"] % cfg.trainer.eval_every == 0:
