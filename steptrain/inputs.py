@@ -54,4 +54,5 @@ def reply_audio_spec(tokenizer, model_cfg, data_cfg) -> ReplyAudioSpec | None:
         start_id=tokenizer.convert_tokens_to_ids("<tts_start>"),
         end_id=tokenizer.convert_tokens_to_ids("<tts_end>"),
         encode=encode,
+        interleave=tuple(int(x) for x in data_cfg.reply_interleave.split(":")) if data_cfg.reply_interleave else None,
     )

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from steptrain.cli import main
-from steptrain.config import load_config
+from steptrain.config import ConfigError, load_config
 from steptrain.data import DataError, load_sft_data
 from steptrain.inputs import reply_audio_spec
 from steptrain.models.loader import audio_code_ids, load_tokenizer
@@ -58,6 +58,25 @@ def test_spoken_replies_become_trained_audio_tokens(assets, tts, tmp_path):
     row["audio_codes"] = [[1], [2]]
     with pytest.raises(DataError, match="audio_codes count mismatch"):
         load_sft_data([row], tok, cfg.data, reply=reply)
+
+
+def test_spoken_reply_transcript_interleaves_with_its_audio_tokens(assets, tts, tmp_path):
+    cfg = load_config(tts_args(assets, tts, tmp_path / "x", "data.reply_interleave=2:3"))
+    tok = load_tokenizer(cfg.model)
+    reply = reply_audio_spec(tok, cfg.model, cfg.data)
+    assert reply.interleave == (2, 3)
+    row = {"messages": [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": "7 8 9<audio>"}],
+           "audio_codes": [[3, 1, 4, 1, 5]]}
+    ex = load_sft_data([row], tok, cfg.data, reply=reply).examples[0]
+    text = tok("7 8 9", add_special_tokens=False)["input_ids"]
+    assert len(text) >= 3
+    a = [reply.first_id + k for k in (3, 1, 4, 1, 5)]
+    body = text[:2] + a[:3] + text[2:4] + a[3:] + text[4:]  # 2 text, 3 audio, 2 text, the rest
+    trained = [t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab != -100]
+    assert trained == [reply.start_id, *body, reply.end_id, tok.convert_tokens_to_ids("<|EOT|>")]
+
+    with pytest.raises(ConfigError, match=r"data.reply_interleave='10-15' must be 'T:A'"):
+        load_config(tts_args(assets, tts, tmp_path / "x", "data.reply_interleave=10-15"))
 
 
 def test_tts_training_raises_audio_token_accuracy(assets, tts, tmp_path):

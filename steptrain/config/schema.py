@@ -52,6 +52,10 @@ class DataConfig:
     max_audio_seconds: float = 600.0  # longer clips are bad rows (cut into 25 s chunks below this)
     audio_last_turn_only: bool = False  # earlier heard clips -> their "transcripts" text (Step-Audio multi-turn SFT)
     audio_tokenizer: str | None = None  # spoken replies -> codes: "kmeans:DIR" | "cosyvoice2:DIR" | "stepaudio:DIR"
+    # "T:A" (e.g. "10:15"): an assistant turn "TRANSCRIPT<audio>" is a spoken reply whose transcript tokens
+    # interleave with its audio tokens, T text then A audio, inside <tts_start> ... <tts_end>. None: the
+    # turn's text stays text and the audio tokens follow it as one block.
+    reply_interleave: str | None = None
 
 
 @dataclass

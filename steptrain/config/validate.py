@@ -6,6 +6,7 @@ valid choices, so a typo costs seconds, not a queue slot on a cluster.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -53,6 +54,11 @@ def validate(cfg: DictConfig) -> None:
         fail(f"objective.audio_loss_weight={cfg.objective.audio_loss_weight} must be >= 0")
 
     d = cfg.data
+    if d.reply_interleave is not None:
+        if not re.fullmatch(r"[1-9]\d*:[1-9]\d*", str(d.reply_interleave)):
+            fail(f"data.reply_interleave={d.reply_interleave!r} must be 'T:A' with two positive integers, e.g. '10:15'")
+        if not m.audio_codes:
+            fail("data.reply_interleave interleaves spoken replies' audio tokens: it needs model.audio_codes > 0")
     if d.audio_tokenizer and not m.audio_codes:
         fail("data.audio_tokenizer turns spoken replies into codes: it needs model.audio_codes > 0")
     if not d.train_files:

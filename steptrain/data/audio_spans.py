@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from steptrain.audio.codes import interleave_text_audio
 from steptrain.data.errors import DataError
 
 AUDIO_TAG = "<audio>"
@@ -61,11 +62,18 @@ class ReplyAudioSpec:
     start_id: int
     end_id: int
     encode: Callable[[str], list[int]] | None = None  # audio file -> codes (an AudioTokenizer), if any
+    # (text, audio) tokens per chunk: the reply's transcript (the turn's text before the tag) and its
+    # audio tokens alternate inside one <tts_start> ... <tts_end> block (see interleave_text_audio).
+    interleave: tuple[int, int] | None = None
 
     def tokens(self, codes: list[int]) -> list[int]:
         if not isinstance(codes, list) or not all(isinstance(k, int) and 0 <= k < self.n_codes for k in codes):
             raise DataError("bad audio codes", f"audio codes must be integers in [0, {self.n_codes - 1}]")
         return [self.start_id, *(self.first_id + k for k in codes), self.end_id]
+
+    def with_transcript(self, block: list[int], transcript: list[int]) -> list[int]:
+        """A ``tokens`` block with the transcript's ids interleaved into it at ``interleave``."""
+        return [self.start_id, *interleave_text_audio(transcript, block[1:-1], self.interleave), self.end_id]
 
 
 def audio_paths(row: dict, source: str, expected: int | None = None) -> list[str]:

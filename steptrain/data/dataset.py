@@ -55,7 +55,7 @@ def load_sft_data(
                 row, messages = audio_in_last_turn_only(row, messages)
             segments = template.segments(messages, loss_on=data_cfg.loss_on)
             clips = audio_spans_for(row, messages, source, audio, reply)
-            input_ids, labels, clip_list, spans = tokenize_with_audio(segments, tokenizer, clips)
+            input_ids, labels, clip_list, spans = tokenize_with_audio(segments, tokenizer, clips, reply)
         except DataError as e:
             if data_cfg.on_error == "error" or e.reason == NOT_PREFIX_STABLE:
                 raise e.at(source) from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from steptrain.data.audio_spans import AudioClip, split_on_audio
+from steptrain.data.audio_spans import AudioClip, ReplyAudioSpec, split_on_audio
 from steptrain.data.templates import Segment
 
 IGNORE_INDEX = -100  # HF convention: labels with this value carry no loss
@@ -43,8 +43,15 @@ def tokenize_segments(
     return input_ids, labels
 
 
-def tokenize_with_audio(segments: Sequence[Segment], tokenizer, audio: AudioTokens | None = None):
-    """(input_ids, labels, clips, spans); see ``tokenize_segments``."""
+def tokenize_with_audio(
+    segments: Sequence[Segment], tokenizer, audio: AudioTokens | None = None, reply: ReplyAudioSpec | None = None
+):
+    """(input_ids, labels, clips, spans); see ``tokenize_segments``.
+
+    With ``reply.interleave``, a spoken reply's block absorbs the text just before its tag in the same
+    turn (its transcript): ``<tts_start>`` text and audio chunks alternating ``<tts_end>``.
+    """
+    interleave = reply is not None and reply.interleave is not None
     pieces = [split_on_audio(s.text) if audio is not None else [s.text] for s in segments]
     texts = [t for parts in pieces for t in parts]
     batch = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])  # HF rejects []
@@ -53,9 +60,13 @@ def tokenize_with_audio(segments: Sequence[Segment], tokenizer, audio: AudioToke
     clips: list[AudioClip] = []
     spans: list[tuple[int, int]] = []
     for seg, parts in zip(segments, pieces, strict=True):
+        ids: list[int] = []
         for k in range(len(parts)):
             if k:  # an <audio> tag stood between parts[k - 1] and parts[k]
                 for span_ids, clip in next(audio):
+                    if clip is None and interleave:  # parts[k - 1] (just appended as ``ids``) is the transcript
+                        del input_ids[len(input_ids) - len(ids) :], labels[len(labels) - len(ids) :]
+                        span_ids = reply.with_transcript(span_ids, ids)
                     if clip is not None:
                         spans.append((len(input_ids), len(input_ids) + len(span_ids)))
                         clips.append(clip)
