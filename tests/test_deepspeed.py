@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import re
 import subprocess
+import sys
 
 import pytest
 import torch

@@ -59,7 +59,7 @@ def summarize_stats(totals: torch.Tensor, prefix: str = "") -> dict[str, float]:
     """Per-token means from summed stats: loss and accuracy overall, and per stream when audio is present."""
     t = dict(zip(STATS, totals.tolist(), strict=True))
     n = max(t["label_tokens"], 1.0)
-    out = {f"{prefix}loss": t["nll"] / n, f"{prefix}token_acc": t["correct"] / n}
+    out = {f"{prefix}loss": t["nll"] / n, f"{prefix}token_acc": t["correct"] / n, f"{prefix}label_tokens": int(t["label_tokens"])}
     if t["audio_tokens"]:
         text = max(t["label_tokens"] - t["audio_tokens"], 1.0)
         out |= {

@@ -1,0 +1,186 @@
+"""Offline preference optimisation: DPO and its variants, and the Bradley-Terry reward-model loss.
+
+Every loss works on per-sequence summed log-probs (from :func:`sequence_logps`) of a chosen and a rejected
+response, and returns a per-pair loss ``[B]``: the caller chooses the reduction (mean over pairs of the
+optimizer step). Notation:  pi_c, pi_r  policy log-probs of chosen / rejected;  ref_c, ref_r  the frozen
+reference model's;  |c|, |r|  their counted-token numbers;  h = (pi_c - pi_r) - (ref_c - ref_r).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+LOSSES = ("sigmoid", "ipo", "cdpo", "robust", "simpo", "orpo")
+_REFERENCE_FREE = ("simpo", "orpo")
+_LENGTH_NORMALISED = ("ipo", "simpo", "orpo")
+_SMOOTHED = ("cdpo", "robust")
+# ORPO's log(1 - exp(a)) is -inf at a = 0 (a saturated model: every target token has probability 1 in
+# float32); average log-probs are capped just below 0 so the odds stay finite.
+_ORPO_MAX_AVG_LOGP = -1e-6
+
+
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of label-token log-probs and the number of counted tokens, both ``[B]``.
+
+        log pi(y | x) = sum_{t : y_t != -100, mask_t} log p_theta(y_t | x_<t)
+
+    ``labels`` follow the HF convention (aligned with ``input_ids``; logits at t predict labels at t+1, the
+    shift happens here). ``token_mask [B, T]`` (bool, aligned with ``labels``) additionally drops targets,
+    e.g. discrete audio tokens so a speech model's preference signal comes from its text only. Dropped
+    targets are turned into ``-100`` before the cross-entropy, so they add exactly zero to the value and
+    the gradient. Cross-entropy in float32 with ``reduction="none"`` avoids gathering from a materialised
+    float32 log-softmax of the whole vocabulary.
+    """
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels {tuple(labels.shape)} must match logits[:2] {tuple(logits.shape[:2])}")
+    if token_mask is not None:
+        if token_mask.shape != labels.shape:
+            raise ValueError(f"token_mask {tuple(token_mask.shape)} must match labels {tuple(labels.shape)}")
+        labels = labels.masked_fill(~token_mask.bool(), IGNORE_INDEX)
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view_as(shift_labels)
+    return -nll.sum(-1), (shift_labels != IGNORE_INDEX).sum(-1)
+
+
+def audio_token_mask(labels: torch.Tensor, audio_ids: tuple[int, int] | None) -> torch.Tensor | None:
+    """True where a label is NOT a discrete audio token (ids ``first..last`` inclusive); None without audio.
+
+    For ``sequence_logps(..., token_mask=...)``: preference losses on a speech model are then computed on
+    the text tokens only. ``-100`` labels count as "not audio" (they are ignored anyway).
+    """
+    if audio_ids is None:
+        return None
+    first, last = audio_ids
+    return (labels < first) | (labels > last)
+
+
+def _check_counts(loss: str, chosen_tokens, rejected_tokens) -> None:
+    for name, value in (("chosen_tokens", chosen_tokens), ("rejected_tokens", rejected_tokens)):
+        if value is None:
+            raise ValueError(f"loss={loss!r} length-normalises log-probs: {name} is required")
+
+
+def _per_token(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Average log-prob per counted token; a sequence with no counted token averages to 0, not nan."""
+    return logps / torch.as_tensor(tokens, device=logps.device).to(logps.dtype).clamp(min=1)
+
+
+def _log_odds(avg_logp: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) with log p = a:  a - log(1 - exp(a)), the second term via expm1 (exact near a = 0)."""
+    a = avg_logp.clamp(max=_ORPO_MAX_AVG_LOGP)
+    return a - torch.log(-torch.expm1(a))
+
+
+def preference_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    *,
+    loss: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
+    simpo_gamma: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """Per-pair preference loss ``[B]`` and the implicit rewards (detached) of chosen and rejected.
+
+    ``loss`` (ε = ``label_smoothing``, the assumed rate of flipped preference labels; σ the logistic):
+
+    - ``sigmoid``  DPO (Rafailov et al. 2023):  L = -log σ(β h)
+    - ``cdpo``  conservative DPO, the target is smoothed to 1-ε:
+      L = -(1-ε) log σ(β h) - ε log σ(-β h),  0 <= ε <= 0.5
+    - ``robust``  rDPO (Chowdhury et al. 2024), unbiased under label noise ε:
+      L = [-(1-ε) log σ(β h) + ε log σ(-β h)] / (1 - 2ε),  0 <= ε < 0.5
+    - ``ipo``  IPO (Azar et al. 2023), a squared loss that does not push h to infinity:
+      L = (h' - 1/(2β))^2, h' = h with every log-prob divided by its token count (ref by the same counts)
+    - ``simpo``  SimPO (Meng et al. 2024), reference-free, length-normalised:
+      L = -log σ(β (pi_c/|c| - pi_r/|r|) - γ),  γ = ``simpo_gamma`` is the paper's absolute target margin
+      in reward units (not divided by β; the paper tunes γ/β in about 0.3..1.6)
+    - ``orpo``  ORPO (Hong et al. 2024), reference-free, SFT plus an odds-ratio penalty:
+      L = -pi_c/|c| + β · -log σ(log odds_c - log odds_r),  log odds = a - log(1 - exp(a)),  a = pi/|y|
+
+    Rewards: β (pi - ref) for sigmoid / cdpo / robust, the same on per-token log-probs for ipo, and β pi/|y|
+    for simpo and orpo. ``ref_*`` may be None for the reference-free losses (they are ignored);
+    ``chosen_tokens`` / ``rejected_tokens`` (counted tokens, from :func:`sequence_logps`) are required
+    by ipo, simpo and orpo.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    eps = float(label_smoothing)
+    if loss == "cdpo" and not 0.0 <= eps <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5] for cdpo, got {eps}")
+    if loss == "robust" and not 0.0 <= eps < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5) for robust, got {eps}")
+    if loss not in _SMOOTHED and eps != 0.0:
+        raise ValueError(f"label_smoothing applies only to {_SMOOTHED}; it must be 0 for loss={loss!r}")
+    if loss not in _REFERENCE_FREE:
+        for name, value in (
+            ("ref_chosen_logps", ref_chosen_logps),
+            ("ref_rejected_logps", ref_rejected_logps),
+        ):
+            if value is None:
+                raise ValueError(f"loss={loss!r} needs the reference model: {name} is required")
+    if loss in _LENGTH_NORMALISED:
+        _check_counts(loss, chosen_tokens, rejected_tokens)
+
+    if loss in _REFERENCE_FREE:
+        pi_c, pi_r = _per_token(chosen_logps, chosen_tokens), _per_token(rejected_logps, rejected_tokens)
+        chosen_rewards, rejected_rewards = beta * pi_c, beta * pi_r
+        if loss == "simpo":
+            losses = -F.logsigmoid(beta * (pi_c - pi_r) - simpo_gamma)
+        else:
+            nll = -pi_c
+            odds_ratio = -F.logsigmoid(_log_odds(pi_c) - _log_odds(pi_r))
+            losses = nll + beta * odds_ratio
+    else:
+        pi_c, pi_r, ref_c, ref_r = chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
+        if loss == "ipo":
+            pi_c, ref_c = _per_token(pi_c, chosen_tokens), _per_token(ref_c, chosen_tokens)
+            pi_r, ref_r = _per_token(pi_r, rejected_tokens), _per_token(ref_r, rejected_tokens)
+        chosen_rewards, rejected_rewards = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+        h = (pi_c - pi_r) - (ref_c - ref_r)
+        if loss == "ipo":
+            losses = (h - 1.0 / (2.0 * beta)) ** 2
+        elif loss == "sigmoid":
+            losses = -F.logsigmoid(beta * h)
+        elif loss == "cdpo":
+            losses = -(1.0 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+        else:  # robust
+            losses = (-(1.0 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (
+                1.0 - 2.0 * eps
+            )
+    return {
+        "loss": losses,
+        "chosen_rewards": chosen_rewards.detach(),
+        "rejected_rewards": rejected_rewards.detach(),
+    }
+
+
+def reward_model_loss(
+    chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """Bradley-Terry pairwise loss for a scalar reward model, per pair ``[B]``:
+
+        L = -log σ(r_c - r_r - m)
+
+    P(chosen ≻ rejected) = σ(r_c - r_r); the optional margin m (Llama 2, Touvron et al. 2023) asks for a
+    larger score gap on pairs rated as clearly different. m = 0 when None.
+    """
+    diff = chosen_scores - rejected_scores
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff)

@@ -1,0 +1,236 @@
+"""The optimizer-step loop every recipe shares: data position, normalisation, resume, logging, saving.
+
+A recipe supplies a :class:`Task` (how rows become batches and a summed loss) and runs :func:`train`.
+Per optimizer step:
+  1. take the step's micro-batches from the epoch plan (this rank's share: every world_size-th one);
+  2. count the step's loss units over all ranks, N (label tokens for SFT, pairs for DPO);
+  3. for each micro-batch: loss = its summed loss / N, backward (gradients sync on the last one);
+  4. clip, step, schedule; log; checkpoint; evaluate.
+Dividing by the step's global count makes the update independent of how the units were split into
+micro-batches, ranks, padding or packing. The data position is (epoch, micro-batch cursor) into a
+deterministic plan, so a resumed run continues with exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from steptrain.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    remove_stale_temporaries,
+    resolve_resume,
+    save_checkpoint,
+)
+from steptrain.checkpoint.rng import seed_everything
+from steptrain.config import ConfigError
+from steptrain.data import plan_epoch, read_rows
+from steptrain.engines.optim import param_groups
+from steptrain.logging import MetricsLogger
+from steptrain.models.loader import load_model
+from steptrain.models.lora import apply_lora, count_parameters
+
+log = logging.getLogger("steptrain")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says where and what survived."""
+
+
+class Task(Protocol):
+    """What a recipe trains on. ``lengths`` are per example (the epoch plan batches by them)."""
+
+    lengths: list[int]
+
+    def batch(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Collate one micro-batch (a list of rows; a row lists example indices, several when packed)."""
+
+    def count(self, batch: dict[str, torch.Tensor]) -> float:
+        """This micro-batch's loss units (the step's loss is the sum over units / the global count)."""
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, stats vector to sum over micro-batches and ranks) under the engine's autocast."""
+
+    def summarize(self, totals: torch.Tensor) -> dict:
+        """Step metrics (must include "loss") from the summed stats vector."""
+
+    def sources(self, rows: list[list[int]]) -> list[str]:
+        """``file:line`` of the examples in ``rows`` (for error messages)."""
+
+
+def split_eval(cfg, rows):
+    """Held-out rows: data.eval_files, or a seeded data.eval_fraction of the train rows."""
+    if cfg.data.eval_files:
+        return rows, read_rows(list(cfg.data.eval_files), on_error=cfg.data.on_error)[0]
+    if cfg.data.eval_fraction > 0:
+        order = np.random.default_rng(cfg.trainer.seed).permutation(len(rows))
+        n_eval = max(1, int(len(rows) * cfg.data.eval_fraction))
+        held = set(order[:n_eval].tolist())
+        return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+    return rows, []
+
+
+class EpochPlans:
+    """Deterministic micro-batch plans per epoch (cached), and how many optimizer steps each holds."""
+
+    def __init__(self, cfg, lengths: list[int], per_step: int, packing: bool):
+        self.cfg, self.per_step, self.lengths, self.packing = cfg, per_step, lengths, packing
+        self._cache: dict[int, list] = {}
+
+    def plan(self, epoch: int) -> list:
+        if epoch not in self._cache:
+            self._cache = {
+                epoch: plan_epoch(
+                    self.lengths,
+                    batch_size=self.cfg.trainer.batch_size,
+                    max_length=self.cfg.data.max_length,
+                    packing=self.packing,
+                    group_by_length=self.cfg.data.group_by_length,
+                    shuffle=self.cfg.data.shuffle,
+                    seed=self.cfg.trainer.seed,
+                    epoch=epoch,
+                )
+            }
+        return self._cache[epoch]
+
+    def steps_in(self, epoch: int) -> int:
+        return len(self.plan(epoch)) // self.per_step
+
+
+def start_run(cfg, engine) -> Path:
+    """The output directory, created with the resolved config and without half-written checkpoints."""
+    out = Path(cfg.output_dir)
+    if engine.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        OmegaConf.save(cfg, out / "config.yaml")
+    return out
+
+
+def build_model(cfg, engine, tokenizer):
+    """The (LoRA-wrapped) model, seeded identically on every rank and every engine."""
+    seed_everything(cfg.trainer.seed)  # export re-seeds the same way to rebuild a preset's random base
+    with engine.init_context(cfg.model):
+        model, new_ids = load_model(cfg.model, tokenizer)
+    if cfg.peft.method == "lora":
+        model = apply_lora(model, cfg.peft, new_ids)
+    trainable, total = count_parameters(model)
+    if engine.is_main:
+        log.info("parameters: %d trainable of %d (%.2f%%)", trainable, total, 100 * trainable / total)
+    return model
+
+
+def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False) -> dict:
+    """Run the optimizer-step loop; ``evaluate()`` returns held-out metrics (all ranks call it)."""
+    out = Path(cfg.output_dir)
+    per_step = cfg.trainer.grad_accum * engine.world_size
+    plans = EpochPlans(cfg, task.lengths, per_step, packing)
+    if plans.steps_in(0) == 0:
+        raise ConfigError(
+            f"{len(task.lengths)} training examples make {len(plans.plan(0))} micro-batches, fewer than one optimizer "
+            f"step needs (trainer.grad_accum x world size = {per_step}); lower trainer.batch_size or grad_accum"
+        )
+    steps = cfg.trainer.max_steps or sum(plans.steps_in(e) for e in range(cfg.trainer.epochs))
+    model, _, _ = engine.prepare(model, param_groups(model, cfg.optim), cfg.optim, steps)
+    model.train()
+    seed_everything(cfg.trainer.seed + engine.rank)  # same init everywhere, independent dropout per rank
+
+    state = {"step": 0, "epoch": 0, "cursor": 0, "tokens_seen": 0, "world_size": engine.world_size}
+    ckpt = resolve_resume(cfg.resume, out)
+    if ckpt is not None:
+        state = load_checkpoint(engine, ckpt)
+        if state["world_size"] != engine.world_size and engine.is_main:
+            log.warning("resuming at world size %d from %d: data order continues, bit-exactness does not",
+                        engine.world_size, state["world_size"])
+        if engine.is_main:
+            log.info("resumed from %s at step %d", ckpt, state["step"])
+
+    logger = MetricsLogger(out, cfg.logging, cfg, enabled=engine.is_main, total_steps=steps, start_step=state["step"])
+    done = {"saved": state["step"] if ckpt is not None else -1, "evaluated": -1}
+
+    def checkpoint() -> None:
+        save_checkpoint(engine, out, state["step"], state, cfg, cfg.trainer.keep_last)
+        done["saved"] = state["step"]
+
+    def evaluate_now() -> dict:
+        done["evaluated"] = state["step"]
+        metrics = evaluate()
+        if metrics:
+            logger.log({"step": state["step"], **metrics})
+        return metrics
+
+    last_eval = evaluate_now() if state["step"] == 0 else {}
+    last_train: dict = {}
+    t_start = time.perf_counter()
+    try:
+        while state["step"] < steps:
+            if state["cursor"] // per_step >= plans.steps_in(state["epoch"]):
+                state["epoch"] += 1
+                state["cursor"] = 0
+                continue
+            t0 = time.perf_counter()
+            plan = plans.plan(state["epoch"])
+            mine = [plan[state["cursor"] + j * engine.world_size + engine.rank] for j in range(cfg.trainer.grad_accum)]
+            batches = [task.batch(rows) for rows in mine]
+            n_global = engine.all_reduce(torch.tensor([sum(task.count(b) for b in batches)], dtype=torch.float64))
+            n_global = float(n_global[0])
+            totals, real_tokens = None, 0
+            for i, (rows, batch) in enumerate(zip(mine, batches, strict=True)):
+                batch = {k: v.to(engine.device) for k, v in batch.items() if v is not None}
+                with engine.accumulate(last=i == len(batches) - 1):
+                    loss_sum, stats = task.loss(model, batch)
+                    engine.backward(loss_sum / n_global)
+                totals = stats if totals is None else totals + stats
+                real_tokens += sum(task.lengths[j] for row in rows for j in row)  # not padding
+            engine.all_reduce(totals)
+            real_tokens = int(engine.all_reduce(torch.tensor([float(real_tokens)]))[0].item())
+            step_metrics = task.summarize(totals)
+            loss = step_metrics["loss"]
+            if not math.isfinite(loss):
+                good = list_checkpoints(out)
+                raise TrainingError(
+                    f"non-finite loss ({loss}) at step {state['step'] + 1}, epoch {state['epoch']}, "
+                    f"rows {[s for rows in mine for s in task.sources(rows)][:3]}...; no update was applied; "
+                    f"last good checkpoint: {good[-1] if good else 'none'} "
+                    "(lower optim.lr, check trainer.precision or the data)"
+                )
+            lr = float(cfg.optim.lr) * engine.lr_factor()  # the lr this step applies
+            grad_norm = engine.step()
+            state["step"] += 1
+            state["cursor"] += per_step
+            state["tokens_seen"] += real_tokens
+            dt = time.perf_counter() - t0
+            peak_mem = engine.all_reduce(torch.tensor([engine.peak_memory_gb()]), op="max")[0].item()
+            last_train = {
+                "step": state["step"],
+                "epoch": state["epoch"],
+                **step_metrics,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": real_tokens,
+                "tokens_per_s": real_tokens / dt,
+                "step_time": dt,
+                "peak_mem_gb": peak_mem,  # the largest rank's
+            }
+            logger.log(last_train)
+            if cfg.trainer.eval_every and state["step"] % cfg.trainer.eval_every == 0:
+                last_eval = evaluate_now()
+            if cfg.trainer.save_every and state["step"] % cfg.trainer.save_every == 0:
+                checkpoint()
+        if done["evaluated"] != state["step"]:
+            last_eval = evaluate_now()
+        if done["saved"] != state["step"]:
+            checkpoint()
+    finally:
+        logger.close()
+    if engine.is_main:
+        log.info("done: %d steps in %.1fs; outputs in %s", state["step"], time.perf_counter() - t_start, out)
+    return {"train": last_train, "eval": last_eval, "checkpoint": str(list_checkpoints(out)[-1])}
