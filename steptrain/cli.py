@@ -1,8 +1,9 @@
-"""`steptrain <verb>`: train (Hydra overrides), config (print the resolved config), export, eval.
+"""`steptrain <verb>`: train (Hydra overrides), config (print the resolved config), export, merge, eval.
 
     steptrain train experiment=sft_lora model.path=DIR data.train_files=[a.jsonl] output_dir=OUT
     torchrun --nproc_per_node 2 -m steptrain train engine=ddp ...
     steptrain export OUT/checkpoints/step_100 EXPORT_DIR [--merge-lora]
+    steptrain merge A B OUT_DIR --weights 0.5 0.5 [--method linear|task_arithmetic|ties] [--base BASE]
     steptrain eval OUT/checkpoints/step_100 eval.jsonl [--limit 200]
 """
 
@@ -15,7 +16,7 @@ import sys
 
 from steptrain.config import ConfigError, load_config
 
-RECIPES = {"sft": "steptrain.recipes.sft"}
+RECIPES = {"sft": "steptrain.recipes.sft", "dpo": "steptrain.recipes.dpo"}
 
 
 def _setup_logging() -> None:
@@ -75,6 +76,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from steptrain.export import ExportError
+    from steptrain.export.merge import merge_models
+
+    if len(args.paths) < 2:
+        print("steptrain: error: merge needs at least one input and the output directory", file=sys.stderr)
+        return 2
+    *inputs, out_dir = args.paths
+    try:
+        out = merge_models(inputs, out_dir, weights=args.weights, method=args.method, base=args.base,
+                           density=args.density)
+    except ExportError as exc:
+        print(f"steptrain: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"merged: {out}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     import json
 
@@ -102,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--merge-lora", action="store_true", help="merge LoRA into the base and write a full model")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("merge", help="weighted merge of HF directories, PEFT adapters or checkpoints -> HF directory")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="the inputs (A B ...), then the output directory")
+    p.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per input")
+    p.add_argument("--method", choices=("linear", "task_arithmetic", "ties"), default="linear")
+    p.add_argument("--base", default=None,
+                   help="base model: theta_base for task_arithmetic/ties; also the base PEFT adapter inputs load onto")
+    p.add_argument("--density", type=float, default=None, help="ties: fraction of each task vector kept (default 1)")
+    p.set_defaults(fn=cmd_merge)
     p = sub.add_parser("eval", help="exact match / CER / WER and loss of a checkpoint or HF directory on JSONL")
     p.add_argument("model", help="a checkpoint directory (checkpoints/step_N) or an HF-format model directory")
     p.add_argument("data", nargs="+", help="ms-swift JSONL file(s); the last assistant reply is the reference")

@@ -61,6 +61,17 @@ class DataConfig:
 @dataclass
 class ObjectiveConfig:
     audio_loss_weight: float = 1.0  # weight of discrete-audio-token targets relative to text targets
+    # --- preference optimisation (recipe=dpo) ---
+    loss: str = "sigmoid"  # sigmoid | ipo | cdpo | robust | simpo | orpo (see steptrain/objectives/preference.py)
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # cdpo / robust: assumed fraction of flipped preference labels
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    # Where reference log-probs come from: precompute (once, before training, cached in output_dir),
+    # adapter_off (the LoRA policy with its adapter disabled: no second model), model (ref_model_path).
+    reference: str = "precompute"
+    ref_model_path: str | None = None
+    length_normalize: bool = False  # per-token mean log-probs instead of sums (sigmoid / cdpo / robust)
+    mask_audio: bool = False  # leave discrete audio tokens out of the log-probs (Step-Audio-AQAA)
 
 
 @dataclass
@@ -154,7 +165,9 @@ class TrainConfig:
 
 # Allowed values of enumerated string fields, checked in validate.py with the valid choices named.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "recipe.name": ("sft",),
+    "recipe.name": ("sft", "dpo"),
+    "objective.loss": ("sigmoid", "ipo", "cdpo", "robust", "simpo", "orpo"),
+    "objective.reference": ("precompute", "adapter_off", "model"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "model.new_token_init": ("mean", "random"),

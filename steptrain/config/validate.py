@@ -113,6 +113,23 @@ def validate(cfg: DictConfig) -> None:
         if not (tm == "all-linear" or OmegaConf.is_list(tm) and len(tm) > 0):
             fail(f"peft.target_modules={tm!r} must be 'all-linear' or a non-empty list of module names")
 
+    o = cfg.objective
+    if cfg.recipe.name == "dpo":
+        if o.beta <= 0:
+            fail(f"objective.beta={o.beta} must be positive")
+        if not 0.0 <= o.label_smoothing < 0.5:
+            fail(f"objective.label_smoothing={o.label_smoothing} must be in [0, 0.5)")
+        if o.label_smoothing and o.loss not in ("cdpo", "robust"):
+            fail(f"objective.label_smoothing is used by objective.loss=cdpo|robust, not {o.loss}")
+        if o.reference == "adapter_off" and cfg.peft.method != "lora":
+            fail("objective.reference=adapter_off needs peft=lora (the reference is the policy without its adapter)")
+        if o.reference == "model" and not o.ref_model_path:
+            fail("objective.reference=model needs objective.ref_model_path=DIR")
+        if o.reference == "model" and cfg.engine.name == "deepspeed":
+            fail("objective.reference=model is not supported on engine=deepspeed; use reference=precompute")
+        if cfg.data.packing:
+            fail("data.packing is not supported by recipe=dpo (pairs are batched padded)")
+
     e = cfg.engine
     if e.backend == "nccl" and e.device == "cpu":
         fail("engine.backend=nccl needs engine.device=cuda (use gloo on CPU)")

@@ -20,6 +20,28 @@ class SFTData:
     stats: dict = field(default_factory=dict)
 
 
+def encode_row(
+    row: dict, template, tokenizer, data_cfg, audio: AudioSpec | None = None, reply: ReplyAudioSpec | None = None,
+    loss_on: str | None = None,
+) -> tuple[Encoded | None, bool]:
+    """(the encoded row or None when it is dropped, whether it was longer than data.max_length).
+
+    Raises DataError (without location) for a row that cannot be rendered or whose audio is bad.
+    """
+    source = row.get("_source", "row")
+    messages = row_messages(row)
+    if data_cfg.audio_last_turn_only:
+        row, messages = audio_in_last_turn_only(row, messages)
+    segments = template.segments(messages, loss_on=loss_on or data_cfg.loss_on)
+    clips = audio_spans_for(row, messages, source, audio, reply)
+    input_ids, labels, clip_list, spans = tokenize_with_audio(segments, tokenizer, clips, reply)
+    example = fit_length(
+        input_ids, labels, max_length=data_cfg.max_length, truncation=data_cfg.truncation, source=source,
+        clips=clip_list, spans=spans,
+    )
+    return example, len(input_ids) > data_cfg.max_length
+
+
 def load_sft_data(
     files: list[str] | list[dict], tokenizer, data_cfg, audio: AudioSpec | None = None,
     reply: ReplyAudioSpec | None = None,
@@ -48,24 +70,15 @@ def load_sft_data(
     examples: list[Encoded] = []
     stats = Counter()
     for n, row in enumerate(rows, 1):
-        source = row.get("_source", f"row {n}")
+        if "_source" not in row:
+            row = {**row, "_source": f"row {n}"}
         try:
-            messages = row_messages(row)
-            if data_cfg.audio_last_turn_only:
-                row, messages = audio_in_last_turn_only(row, messages)
-            segments = template.segments(messages, loss_on=data_cfg.loss_on)
-            clips = audio_spans_for(row, messages, source, audio, reply)
-            input_ids, labels, clip_list, spans = tokenize_with_audio(segments, tokenizer, clips, reply)
+            example, too_long = encode_row(row, template, tokenizer, data_cfg, audio, reply)
         except DataError as e:
             if data_cfg.on_error == "error" or e.reason == NOT_PREFIX_STABLE:
-                raise e.at(source) from None
+                raise e.at(row["_source"]) from None
             skipped[e.reason] += 1
             continue
-        too_long = len(input_ids) > data_cfg.max_length
-        example = fit_length(
-            input_ids, labels, max_length=data_cfg.max_length, truncation=data_cfg.truncation, source=source,
-            clips=clip_list, spans=spans,
-        )
         if example is None:
             stats[
                 "dropped_too_long" if too_long and data_cfg.truncation == "drop" else "dropped_no_labels"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from steptrain.data.errors import DataError
 
@@ -19,8 +19,14 @@ ROLES = ("system", "user", "assistant", "tool")
 _DATASETS_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
-def read_rows(paths: list[str], on_error: str = "error") -> tuple[list[dict], dict[str, int]]:
-    """All valid rows of `paths` in order, and the number of skipped rows by reason."""
+def read_rows(
+    paths: list[str], on_error: str = "error", check: Callable[[dict], dict | None] | None = None
+) -> tuple[list[dict], dict[str, int]]:
+    """All valid rows of `paths` in order, and the number of skipped rows by reason.
+
+    ``check`` (default :func:`validate_row`) raises DataError for a bad row; it may return a normalised row.
+    """
+    check = check or validate_row
     if on_error not in ("error", "skip"):
         raise ValueError(f"on_error must be 'error' or 'skip', got {on_error!r}")
     rows: list[dict] = []
@@ -30,7 +36,7 @@ def read_rows(paths: list[str], on_error: str = "error") -> tuple[list[dict], di
             try:
                 if isinstance(row, DataError):
                     raise row
-                validate_row(row)
+                row = check(row) or row
             except DataError as e:
                 if on_error == "error":
                     raise e.at(location) from None

@@ -128,8 +128,12 @@ def build_model(cfg, engine, tokenizer):
     return model
 
 
-def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False) -> dict:
-    """Run the optimizer-step loop; ``evaluate()`` returns held-out metrics (all ranks call it)."""
+def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False, on_prepared=None) -> dict:
+    """Run the optimizer-step loop; ``evaluate()`` returns held-out metrics (all ranks call it).
+
+    ``on_prepared(model)`` runs once the engine holds the model and before a resume loads trained
+    weights: the place for work that needs the initial model (e.g. reference log-probs).
+    """
     out = Path(cfg.output_dir)
     per_step = cfg.trainer.grad_accum * engine.world_size
     plans = EpochPlans(cfg, task.lengths, per_step, packing)
@@ -140,6 +144,8 @@ def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False) ->
         )
     steps = cfg.trainer.max_steps or sum(plans.steps_in(e) for e in range(cfg.trainer.epochs))
     model, _, _ = engine.prepare(model, param_groups(model, cfg.optim), cfg.optim, steps)
+    if on_prepared is not None:
+        on_prepared(model)
     model.train()
     seed_everything(cfg.trainer.seed + engine.rank)  # same init everywhere, independent dropout per rank
 

@@ -1,0 +1,107 @@
+"""Preference pairs: ms-swift RLHF rows -> (chosen, rejected) conversations sharing one prompt.
+
+Accepted rows (one JSON object per line)::
+
+    {"messages": [..., {"role": "assistant", "content": CHOSEN}], "rejected_response": REJECTED}
+    {"chosen": [...messages...], "rejected": [...messages...]}    # identical up to the last reply
+
+Both conversations are encoded with loss (and so log-probabilities) on the last reply only. Speech: the
+prompt's ``<audio>`` tags take ``audios`` as in SFT; a spoken reply (``<audio>`` in the last assistant
+turn) takes its codes from ``audio_codes``, and the rejected conversation from ``rejected_audio_codes`` /
+``rejected_audios`` when the row gives them (each the full list for that conversation), else the same.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from steptrain.data.audio_spans import AudioSpec, ReplyAudioSpec
+from steptrain.data.dataset import encode_row
+from steptrain.data.encode import Encoded
+from steptrain.data.errors import DataError
+from steptrain.data.reader import read_rows, validate_row
+from steptrain.data.templates import NOT_PREFIX_STABLE, build_template
+
+REJECTED_KEYS = {"audio_codes": "rejected_audio_codes", "audios": "rejected_audios"}
+
+
+def normalize_preference_row(row: object) -> dict:
+    """The row as ``messages`` (ending in the chosen reply) + ``rejected_response``; DataError if unusable."""
+    if not isinstance(row, dict):
+        raise DataError("not an object", f"got {type(row).__name__}")
+    if "chosen" in row or "rejected" in row:
+        chosen, rejected = row.get("chosen"), row.get("rejected")
+        for name, conv in (("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(conv, list) or not conv or not isinstance(conv[-1], dict):
+                raise DataError(f"bad {name}", f"'{name}' must be a non-empty list of messages")
+        if chosen[:-1] != rejected[:-1]:
+            raise DataError("chosen and rejected differ before the last reply",
+                            "a pair must share its prompt; only the last assistant reply may differ")
+        row = {k: v for k, v in row.items() if k not in ("chosen", "rejected")}
+        row |= {"messages": chosen, "rejected_response": rejected[-1].get("content")}
+    validate_row(row)
+    last = row["messages"][-1]
+    if last["role"] != "assistant":
+        raise DataError("no final reply", "the last message must be the (chosen) assistant reply")
+    if not isinstance(row.get("rejected_response"), str):
+        raise DataError("missing rejected_response", "give 'rejected_response' (a string) or 'chosen'/'rejected' lists")
+    same_audio = all(k2 not in row or row[k2] == row.get(k1) for k1, k2 in REJECTED_KEYS.items())
+    if row["rejected_response"] == last["content"] and same_audio:
+        raise DataError("chosen equals rejected", "the two replies are identical")
+    return row
+
+
+def rejected_conversation(row: dict) -> dict:
+    """The row with its last reply replaced by the rejected one (and its audio lists, when given)."""
+    out = {**row, "messages": [*row["messages"][:-1], {"role": "assistant", "content": row["rejected_response"]}]}
+    for key, rejected_key in REJECTED_KEYS.items():
+        if rejected_key in row:
+            out[key] = row[rejected_key]
+    return out
+
+
+@dataclass
+class PreferenceData:
+    pairs: list[tuple[Encoded, Encoded]]  # (chosen, rejected), each with labels on its last reply only
+    stats: dict = field(default_factory=dict)
+
+
+def read_preference_rows(files: list[str], on_error: str = "error") -> tuple[list[dict], dict[str, int]]:
+    """Valid preference rows of ``files`` (normalised), and skipped rows by reason."""
+    return read_rows(files, on_error=on_error, check=normalize_preference_row)
+
+
+def load_preference_data(
+    files: list[str] | list[dict], tokenizer, data_cfg, audio: AudioSpec | None = None,
+    reply: ReplyAudioSpec | None = None,
+) -> PreferenceData:
+    """Read and encode preference pairs; a pair is dropped (and counted) when either side is."""
+    if files and isinstance(files[0], dict):
+        rows, skipped = list(files), Counter()
+    else:
+        rows, read_skipped = read_preference_rows(list(files), on_error=data_cfg.on_error)
+        skipped = Counter(read_skipped)
+    template = build_template(data_cfg.template, tokenizer, bos=data_cfg.step_bos, default_system=data_cfg.system)
+    pairs: list[tuple[Encoded, Encoded]] = []
+    stats = Counter()
+    for n, row in enumerate(rows, 1):
+        source = row.get("_source", f"row {n}")
+        try:
+            row = normalize_preference_row({**row, "_source": source})
+            sides = [encode_row(r, template, tokenizer, data_cfg, audio, reply, loss_on="last_assistant")
+                     for r in (row, rejected_conversation(row))]
+        except DataError as e:
+            if data_cfg.on_error == "error" or e.reason == NOT_PREFIX_STABLE:
+                raise e.at(source) from None
+            skipped[e.reason] += 1
+            continue
+        (chosen, long_c), (rejected, long_r) = sides
+        if chosen is None or rejected is None:
+            stats["dropped_too_long" if (long_c or long_r) and data_cfg.truncation == "drop" else "dropped_no_labels"] += 1
+            continue
+        stats["truncated"] += long_c or long_r
+        pairs.append((chosen, rejected))
+    keys = ("truncated", "dropped_too_long", "dropped_no_labels")
+    return PreferenceData(pairs, {"rows": len(rows), "pairs": len(pairs), "skipped": dict(skipped),
+                                  **{k: stats[k] for k in keys}})

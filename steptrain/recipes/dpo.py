@@ -1,0 +1,287 @@
+"""Offline preference optimisation (DPO, IPO, cDPO, robust DPO, SimPO, ORPO) on any engine, full or LoRA.
+
+Chosen and rejected answers of a micro-batch's pairs go through the model in ONE forward (2B rows), and
+their summed log-probabilities of the last reply (optionally without discrete audio tokens, as
+Step-Audio-AQAA does) enter the loss of ``steptrain/objectives/preference.py``. The loss of a step is the
+mean over all pairs of the step (summed per micro-batch, divided by the global pair count, see loop.py).
+
+Reference log-probs (``objective.reference``):
+- ``precompute``: computed once with the initial model before the first update, over the train and eval
+  pairs, and cached in ``<output_dir>/reference_logps.safetensors`` (keyed by a fingerprint of the data and
+  model settings). A resumed run reuses the cache: recomputing would use the trained policy, not the reference.
+- ``adapter_off``: the LoRA policy with its adapter disabled, per micro-batch (no second model in memory).
+- ``model``: a separate frozen model from ``objective.ref_model_path``.
+SimPO and ORPO use no reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from steptrain.data import collate
+from steptrain.data.preference import load_preference_data, read_preference_rows
+from steptrain.engines import build_engine
+from steptrain.eval.lm import rank_share
+from steptrain.inputs import clip_features, reply_audio_spec, speech_audio_spec
+from steptrain.models.forward import lm_logits
+from steptrain.models.loader import audio_code_ids, is_speech_config, load_model, load_tokenizer
+from steptrain.objectives import audio_token_mask, preference_loss, sequence_logps
+from steptrain.recipes.loop import build_model, split_eval, start_run, train
+
+log = logging.getLogger("steptrain")
+
+REFERENCE_FREE = ("simpo", "orpo")
+CACHE = "reference_logps.safetensors"
+STATS = ("pairs", "loss", "chosen_rewards", "rejected_rewards", "correct", "chosen_logps", "rejected_logps")
+
+
+class PairBatches:
+    """Micro-batches of pairs as one padded batch: rows 0..B-1 chosen, B..2B-1 rejected."""
+
+    def __init__(self, pairs, pad_id: int, features):
+        self.pairs, self.pad_id, self.features = pairs, pad_id, features
+        self.flat = [e for pair in pairs for e in pair]  # chosen of pair i at 2i, rejected at 2i + 1
+        self.lengths = [len(c.input_ids) + len(r.input_ids) for c, r in pairs]
+
+    def batch(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        ids = [i for row in rows for i in row]
+        batch = collate([[2 * i] for i in ids] + [[2 * i + 1] for i in ids], self.flat, pad_id=self.pad_id,
+                        packing=False, audio_features=self.features)
+        return {**batch, "pair_ids": torch.tensor(ids)}
+
+
+def reply_logps(model, batch, engine, audio_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs, counted tokens) of every row's trained reply, optionally without audio tokens."""
+    with engine.autocast():
+        logits = lm_logits(model, batch)
+    return sequence_logps(logits, batch["labels"], audio_token_mask(batch["labels"], audio_ids))
+
+
+class PrecomputedReference:
+    """Reference log-probs of every pair, computed once by the initial model and cached on disk."""
+
+    def __init__(self, tables: dict[str, torch.Tensor], split: str):
+        self.chosen, self.rejected = tables[f"{split}_chosen"], tables[f"{split}_rejected"]
+
+    def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = batch["pair_ids"].cpu()
+        return self.chosen[ids].to(batch["input_ids"].device), self.rejected[ids].to(batch["input_ids"].device)
+
+
+def compute_reference(engine, batches: PairBatches, batch_size: int, audio_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log-prob sums of every pair under the current model, on every rank."""
+    n = len(batches.pairs)
+    out = torch.zeros(2, n, dtype=torch.float64)
+    chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    mine, counted = rank_share(engine, chunks)
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for k, chunk in enumerate(mine):
+            batch = {key: v.to(engine.device) for key, v in batches.batch([[i] for i in chunk]).items() if v is not None}
+            logps, _ = reply_logps(model, batch, engine, audio_ids)
+            if k < counted:
+                out[0, chunk] = logps[: len(chunk)].double().cpu()
+                out[1, chunk] = logps[len(chunk) :].double().cpu()
+    model.train(was_training)
+    engine.all_reduce(out)  # every pair was filled by exactly one rank
+    return out[0].float(), out[1].float()
+
+
+def fingerprint(cfg, splits: dict[str, PairBatches]) -> str:
+    """Identifies what a cache was computed from: the token ids of every pair and the model settings."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": str(cfg.model), "peft": str(cfg.peft), "mask_audio": cfg.objective.mask_audio}).encode())
+    for name, batches in splits.items():
+        h.update(name.encode())
+        for e in batches.flat:
+            h.update(json.dumps([e.input_ids, e.labels]).encode())
+    return h.hexdigest()
+
+
+def precomputed_reference(cfg, engine, splits: dict[str, PairBatches], audio_ids) -> dict[str, torch.Tensor]:
+    """Load the cache if it matches this data and model; else compute it (initial model) and save it."""
+    path = Path(cfg.output_dir) / CACHE
+    key = fingerprint(cfg, splits)
+    if path.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == key:
+                if engine.is_main:
+                    log.info("reference log-probs: reusing %s", path)
+                return load_file(str(path))
+        if engine.is_main:
+            log.warning("%s was computed from other data or model settings: recomputing", path)
+    tables = {}
+    for name, batches in splits.items():
+        tables[f"{name}_chosen"], tables[f"{name}_rejected"] = compute_reference(
+            engine, batches, cfg.trainer.batch_size, audio_ids
+        )
+    if engine.is_main:
+        tmp = path.with_suffix(".tmp")
+        save_file(tables, str(tmp), metadata={"fingerprint": key})
+        tmp.replace(path)
+        log.info("reference log-probs of %s pairs cached in %s", {k: len(v.pairs) for k, v in splits.items()}, path)
+    engine.barrier()
+    return tables
+
+
+class DPOTask:
+    """Pairs -> one forward -> preference loss; stats summed per pair."""
+
+    def __init__(self, cfg, batches: PairBatches, engine, audio_ids, reference):
+        self.cfg, self.batches, self.engine, self.audio_ids, self.reference = cfg, batches, engine, audio_ids, reference
+        self.lengths = batches.lengths
+
+    def batch(self, rows):
+        return self.batches.batch(rows)
+
+    def count(self, batch) -> float:
+        return float(len(batch["pair_ids"]))
+
+    def sources(self, rows) -> list[str]:
+        return [self.batches.pairs[i][0].source for row in rows for i in row]
+
+    def loss(self, model, batch):
+        o = self.cfg.objective
+        b = len(batch["pair_ids"])
+        logps, counts = reply_logps(model, batch, self.engine, self.audio_ids)
+        ref = self.reference(batch) if self.reference is not None else (None, None)
+        chosen_n, rejected_n = counts[:b], counts[b:]
+        pc, pr, rc, rr = logps[:b], logps[b:], *ref
+        if o.length_normalize and o.loss in ("sigmoid", "cdpo", "robust"):
+            pc, pr = pc / chosen_n.clamp(min=1), pr / rejected_n.clamp(min=1)
+            rc, rr = rc / chosen_n.clamp(min=1), rr / rejected_n.clamp(min=1)
+        out = preference_loss(
+            pc, pr, rc, rr, loss=o.loss, beta=o.beta, label_smoothing=o.label_smoothing,
+            chosen_tokens=chosen_n, rejected_tokens=rejected_n, simpo_gamma=o.simpo_gamma,
+        )
+        cr, rj = out["chosen_rewards"], out["rejected_rewards"]
+        stats = torch.stack([
+            torch.tensor(float(b), dtype=torch.float64), out["loss"].detach().sum().double().cpu(),
+            cr.sum().double().cpu(), rj.sum().double().cpu(), (cr > rj).sum().double().cpu(),
+            logps[:b].detach().sum().double().cpu(), logps[b:].detach().sum().double().cpu(),
+        ])
+        return out["loss"].sum(), stats
+
+    def summarize(self, totals: torch.Tensor, prefix: str = "") -> dict:
+        t = dict(zip(STATS, totals.tolist(), strict=True))
+        n = max(t["pairs"], 1.0)
+        return {
+            f"{prefix}loss": t["loss"] / n,
+            f"{prefix}rewards/chosen": t["chosen_rewards"] / n,
+            f"{prefix}rewards/rejected": t["rejected_rewards"] / n,
+            f"{prefix}rewards/margins": (t["chosen_rewards"] - t["rejected_rewards"]) / n,
+            f"{prefix}rewards/accuracy": t["correct"] / n,
+            f"{prefix}logps/chosen": t["chosen_logps"] / n,
+            f"{prefix}logps/rejected": t["rejected_logps"] / n,
+            f"{prefix}pairs": int(t["pairs"]),
+        }
+
+
+def evaluate_pairs(engine, task: DPOTask, batch_size: int) -> dict:
+    """Held-out preference loss, rewards and accuracy (the reward of chosen above that of rejected)."""
+    n = len(task.batches.pairs)
+    chunks = [[[i] for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
+    mine, counted = rank_share(engine, chunks)
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(len(STATS), dtype=torch.float64)
+    with torch.no_grad():
+        for k, rows in enumerate(mine):
+            batch = {key: v.to(engine.device) for key, v in task.batch(rows).items() if v is not None}
+            _, stats = task.loss(model, batch)
+            if k < counted:
+                totals += stats
+    model.train(was_training)
+    engine.all_reduce(totals)
+    return task.summarize(totals, prefix="eval/")
+
+
+def adapter_off_reference(engine, audio_ids):
+    """The LoRA policy with its adapter disabled (and dropout off) as the reference model."""
+
+    def ref(batch):
+        model = engine.module
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), model.disable_adapter():
+            logps, _ = reply_logps(model, batch, engine, audio_ids)
+        model.train(was_training)
+        b = len(batch["pair_ids"])
+        return logps[:b], logps[b:]
+
+    return ref
+
+
+def frozen_model_reference(cfg, engine, tokenizer, audio_ids):
+    """A separate frozen reference model (``objective.ref_model_path``), on this rank's device."""
+    ref_cfg = OmegaConf.merge(cfg.model, {"path": cfg.objective.ref_model_path, "preset": None, "llm_path": None})
+    model, _ = load_model(ref_cfg, tokenizer)
+    model.requires_grad_(False).eval().to(engine.device)
+
+    def ref(batch):
+        with torch.no_grad():
+            logps, _ = reply_logps(model, batch, engine, audio_ids)
+        b = len(batch["pair_ids"])
+        return logps[:b], logps[b:]
+
+    return ref
+
+
+def run(cfg) -> dict:
+    """Train according to ``cfg``; returns the last train and eval metrics."""
+    engine = build_engine(cfg.engine, cfg.trainer, cfg.optim)
+    try:
+        start_run(cfg, engine)
+        tokenizer = load_tokenizer(cfg.model)
+        rows, skipped = read_preference_rows(list(cfg.data.train_files), on_error=cfg.data.on_error)
+        if cfg.data.eval_files:
+            train_rows, eval_rows = rows, read_preference_rows(list(cfg.data.eval_files), cfg.data.on_error)[0]
+        else:
+            train_rows, eval_rows = split_eval(cfg, rows)
+        audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
+        features = clip_features if audio else None
+        reply = reply_audio_spec(tokenizer, cfg.model, cfg.data)
+        audio_ids = audio_code_ids(tokenizer, cfg.model.audio_codes) if cfg.objective.mask_audio else None
+        data = load_preference_data(train_rows, tokenizer, cfg.data, audio=audio, reply=reply)
+        data.stats["skipped"] = {**skipped, **data.stats["skipped"]}
+        splits = {"train": PairBatches(data.pairs, tokenizer.pad_token_id, features)}
+        if eval_rows:
+            evalset = load_preference_data(eval_rows, tokenizer, cfg.data, audio=audio, reply=reply)
+            splits["eval"] = PairBatches(evalset.pairs, tokenizer.pad_token_id, features)
+        if engine.is_main:
+            log.info("preference data: %s", data.stats)
+        model = build_model(cfg, engine, tokenizer)
+        o = cfg.objective
+        references: dict = {name: None for name in splits}
+        if o.loss not in REFERENCE_FREE:
+            if o.reference == "adapter_off":
+                references = {name: adapter_off_reference(engine, audio_ids) for name in splits}
+            elif o.reference == "model":
+                ref = frozen_model_reference(cfg, engine, tokenizer, audio_ids)
+                references = {name: ref for name in splits}
+        tasks = {name: DPOTask(cfg, b, engine, audio_ids, references[name]) for name, b in splits.items()}
+
+        def on_prepared(_model) -> None:  # before any update and before a resume loads trained weights
+            if o.loss not in REFERENCE_FREE and o.reference == "precompute":
+                tables = precomputed_reference(cfg, engine, splits, audio_ids)
+                for name, task in tasks.items():
+                    task.reference = PrecomputedReference(tables, name)
+
+        def evaluate() -> dict:
+            return evaluate_pairs(engine, tasks["eval"], cfg.trainer.batch_size) if "eval" in tasks else {}
+
+        return train(cfg, engine, tasks["train"], model, evaluate, on_prepared=on_prepared)
+    finally:
+        engine.close()
