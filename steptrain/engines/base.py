@@ -53,13 +53,16 @@ class Engine(ABC):
         """Reduce ``tensor`` over ranks in place and return it (sum | max | min)."""
         return tensor
 
-    def peak_memory_gb(self) -> float:
-        """This rank's peak memory so far: allocated device memory on GPU, resident set size on CPU."""
+    def memory_gb(self) -> tuple[float, float]:
+        """(now, peak so far) of this rank: allocated device memory on GPU; resident set size on CPU,
+        where the peak also covers model loading."""
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**30
+            return torch.cuda.memory_allocated(self.device) / 2**30, torch.cuda.max_memory_allocated(self.device) / 2**30
         import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * resource.getpagesize() / 2**30
+        return now, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
     def close(self) -> None:  # noqa: B027
         """Release process groups and other resources."""

@@ -214,7 +214,7 @@ def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False, on
             state["cursor"] += per_step
             state["tokens_seen"] += real_tokens
             dt = time.perf_counter() - t0
-            peak_mem = engine.all_reduce(torch.tensor([engine.peak_memory_gb()]), op="max")[0].item()
+            mem_now, mem_peak = engine.all_reduce(torch.tensor(engine.memory_gb()), op="max").tolist()
             last_train = {
                 "step": state["step"],
                 "epoch": state["epoch"],
@@ -224,7 +224,8 @@ def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False, on
                 "tokens": real_tokens,
                 "tokens_per_s": real_tokens / dt,
                 "step_time": dt,
-                "peak_mem_gb": peak_mem,  # the largest rank's
+                "mem_gb": mem_now,  # the largest rank's, after the step
+                "peak_mem_gb": mem_peak,  # the largest rank's peak so far
             }
             logger.log(last_train)
             if cfg.trainer.eval_every and state["step"] % cfg.trainer.eval_every == 0:
