@@ -1,7 +1,7 @@
 """Deterministic synthetic preference pairs over the demo digit tasks (reverse / sort / copy).
 
 The chosen reply is the correct answer (``demo_corpus.solve``); the rejected reply is wrong in one of two
-ways, drawn per pair:
+ways, drawn per pair among ``negatives``:
 
 - ``"digits"``: the same number of digits, but drawn at random (none of the prompt's digits kept in
   place), so preferring the chosen reply means using the prompt's digits;
@@ -46,9 +46,12 @@ def _wrong_order(rng: random.Random, task: str, digits: list[str], answer: list[
     return _wrong_digits(rng, answer)  # all digits equal: no other order exists
 
 
-def make_pair(rng: random.Random, prompt_digits: list[str], task: str) -> dict:
+NEGATIVES = ("digits", "order")
+
+
+def make_pair(rng: random.Random, prompt_digits: list[str], task: str, negatives=NEGATIVES) -> dict:
     answer = solve(task, prompt_digits).split()
-    kind = rng.choice(("digits", "order"))
+    kind = rng.choice(negatives)
     rejected = _wrong_digits(rng, answer) if kind == "digits" else _wrong_order(rng, task, prompt_digits, answer)
     return {
         "messages": [
@@ -60,7 +63,8 @@ def make_pair(rng: random.Random, prompt_digits: list[str], task: str) -> dict:
     }
 
 
-def generate_pairs(n_train: int, n_eval: int, seed: int = 0, min_digits: int = 4, max_digits: int = 7):
+def generate_pairs(n_train: int, n_eval: int, seed: int = 0, min_digits: int = 4, max_digits: int = 7,
+                   negatives=NEGATIVES):
     """(train pairs, eval pairs); eval prompts are distinct from each other and from every train prompt."""
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -74,15 +78,17 @@ def generate_pairs(n_train: int, n_eval: int, seed: int = 0, min_digits: int = 4
                 seen.add(key)
                 return task, digits
 
-    evals = [make_pair(rng, d, t) for t, d in (draw() for _ in range(n_eval))]
-    train = [make_pair(rng, d, t) for t, d in (draw() for _ in range(n_train))]
+    evals = [make_pair(rng, d, t, negatives) for t, d in (draw() for _ in range(n_eval))]
+    train = [make_pair(rng, d, t, negatives) for t, d in (draw() for _ in range(n_train))]
     return train, evals
 
 
-def write_preference_corpus(out_dir: str | Path, n_train: int = 2000, n_eval: int = 128, seed: int = 0) -> dict[str, Path]:
+def write_preference_corpus(
+    out_dir: str | Path, n_train: int = 2000, n_eval: int = 128, seed: int = 0, negatives=NEGATIVES
+) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train, evals = generate_pairs(n_train, n_eval, seed)
+    train, evals = generate_pairs(n_train, n_eval, seed, negatives=tuple(negatives))
     paths = {"train": out / "pref_train.jsonl", "eval": out / "pref_eval.jsonl"}
     write_jsonl(train, paths["train"])
     write_jsonl(evals, paths["eval"])
@@ -95,8 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-eval", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--negatives", default=",".join(NEGATIVES), help="kinds of rejected replies, comma-separated")
     args = ap.parse_args(argv)
-    for name, path in write_preference_corpus(args.out_dir, args.n_train, args.n_eval, args.seed).items():
+    negatives = args.negatives.split(",")
+    for name, path in write_preference_corpus(args.out_dir, args.n_train, args.n_eval, args.seed, negatives).items():
         print(f"{name}: {path}")
 
 

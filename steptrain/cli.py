@@ -16,7 +16,7 @@ import sys
 
 from steptrain.config import ConfigError, load_config
 
-RECIPES = {"sft": "steptrain.recipes.sft", "dpo": "steptrain.recipes.dpo"}
+RECIPES = {"sft": "steptrain.recipes.sft", "dpo": "steptrain.recipes.dpo", "reward": "steptrain.recipes.reward"}
 
 
 def _setup_logging() -> None:

@@ -10,7 +10,7 @@ import torch
 from data_pipelines.preference_corpus import write_preference_corpus
 from steptrain.config import ConfigError, load_config
 from steptrain.data import DataError
-from steptrain.data.preference import load_preference_data
+from steptrain.data.preference import PairBatches, load_preference_data
 from steptrain.models.loader import load_tokenizer
 from steptrain.objectives import LOSSES
 from steptrain.recipes import dpo
@@ -132,7 +132,7 @@ def test_masked_audio_positions_contribute_nothing_to_reply_logps(assets, pref, 
     row = {"messages": [{"role": "user", "content": "say: 1 2"}, {"role": "assistant", "content": "1 2<audio>"}],
            "rejected_response": "3 4<audio>", "audio_codes": [[1, 2, 3, 4]], "rejected_audio_codes": [[5, 6, 7, 0]]}
     pairs = load_preference_data([row], tok, cfg.data, reply=reply_audio_spec(tok, cfg.model, cfg.data)).pairs
-    batch = dpo.PairBatches(pairs, tok.pad_token_id, None).batch([[0]])
+    batch = PairBatches(pairs, tok.pad_token_id, None).batch([[0]])
     first, last = audio_code_ids(tok, codes)
     targets = torch.roll(batch["labels"], -1, dims=1)  # logits at t predict labels at t + 1
     audio_pos = (targets >= first) & (targets <= last)

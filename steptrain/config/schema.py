@@ -165,7 +165,7 @@ class TrainConfig:
 
 # Allowed values of enumerated string fields, checked in validate.py with the valid choices named.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "recipe.name": ("sft", "dpo"),
+    "recipe.name": ("sft", "dpo", "reward"),
     "objective.loss": ("sigmoid", "ipo", "cdpo", "robust", "simpo", "orpo"),
     "objective.reference": ("precompute", "adapter_off", "model"),
     "model.dtype": ("float32", "bfloat16", "float16"),

@@ -114,6 +114,8 @@ def validate(cfg: DictConfig) -> None:
             fail(f"peft.target_modules={tm!r} must be 'all-linear' or a non-empty list of module names")
 
     o = cfg.objective
+    if cfg.recipe.name in ("dpo", "reward") and cfg.data.packing:
+        fail(f"data.packing is not supported by recipe={cfg.recipe.name} (pairs are batched padded)")
     if cfg.recipe.name == "dpo":
         if o.beta <= 0:
             fail(f"objective.beta={o.beta} must be positive")
@@ -127,8 +129,6 @@ def validate(cfg: DictConfig) -> None:
             fail("objective.reference=model needs objective.ref_model_path=DIR")
         if o.reference == "model" and cfg.engine.name == "deepspeed":
             fail("objective.reference=model is not supported on engine=deepspeed; use reference=precompute")
-        if cfg.data.packing:
-            fail("data.packing is not supported by recipe=dpo (pairs are batched padded)")
 
     e = cfg.engine
     if e.backend == "nccl" and e.device == "cpu":

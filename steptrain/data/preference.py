@@ -16,7 +16,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+
 from steptrain.data.audio_spans import AudioSpec, ReplyAudioSpec
+from steptrain.data.batching import collate
 from steptrain.data.dataset import encode_row
 from steptrain.data.encode import Encoded
 from steptrain.data.errors import DataError
@@ -65,6 +68,7 @@ def rejected_conversation(row: dict) -> dict:
 class PreferenceData:
     pairs: list[tuple[Encoded, Encoded]]  # (chosen, rejected), each with labels on its last reply only
     stats: dict = field(default_factory=dict)
+    margins: list[float] = field(default_factory=list)  # the rows' "margin" (reward models), 0 when absent
 
 
 def read_preference_rows(files: list[str], on_error: str = "error") -> tuple[list[dict], dict[str, int]]:
@@ -84,11 +88,15 @@ def load_preference_data(
         skipped = Counter(read_skipped)
     template = build_template(data_cfg.template, tokenizer, bos=data_cfg.step_bos, default_system=data_cfg.system)
     pairs: list[tuple[Encoded, Encoded]] = []
+    margins: list[float] = []
     stats = Counter()
     for n, row in enumerate(rows, 1):
         source = row.get("_source", f"row {n}")
         try:
             row = normalize_preference_row({**row, "_source": source})
+            margin = row.get("margin", 0.0)
+            if isinstance(margin, bool) or not isinstance(margin, int | float):
+                raise DataError("bad margin", f"'margin' must be a number, got {margin!r}")
             sides = [encode_row(r, template, tokenizer, data_cfg, audio, reply, loss_on="last_assistant")
                      for r in (row, rejected_conversation(row))]
         except DataError as e:
@@ -102,6 +110,23 @@ def load_preference_data(
             continue
         stats["truncated"] += long_c or long_r
         pairs.append((chosen, rejected))
+        margins.append(float(margin))
     keys = ("truncated", "dropped_too_long", "dropped_no_labels")
-    return PreferenceData(pairs, {"rows": len(rows), "pairs": len(pairs), "skipped": dict(skipped),
-                                  **{k: stats[k] for k in keys}})
+    stats = {"rows": len(rows), "pairs": len(pairs), "skipped": dict(skipped), **{k: stats[k] for k in keys}}
+    return PreferenceData(pairs, stats, margins)
+
+
+class PairBatches:
+    """Micro-batches of pairs as one padded batch: rows 0..B-1 chosen, B..2B-1 rejected."""
+
+    def __init__(self, pairs, pad_id: int, features, margins: list[float] | None = None):
+        self.pairs, self.pad_id, self.features = pairs, pad_id, features
+        self.margins = torch.tensor(margins if margins is not None else [0.0] * len(pairs))
+        self.flat = [e for pair in pairs for e in pair]  # chosen of pair i at 2i, rejected at 2i + 1
+        self.lengths = [len(c.input_ids) + len(r.input_ids) for c, r in pairs]
+
+    def batch(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        ids = [i for row in rows for i in row]
+        batch = collate([[2 * i] for i in ids] + [[2 * i + 1] for i in ids], self.flat, pad_id=self.pad_id,
+                        packing=False, audio_features=self.features)
+        return {**batch, "pair_ids": torch.tensor(ids), "margin": self.margins[ids]}

@@ -13,14 +13,15 @@ from steptrain.objectives import lm_loss_sum, stats_vector, summarize_stats
 from steptrain.rollout import generate_greedy
 
 
-def rank_share(engine, items: list) -> tuple[list, int]:
+def rank_share(engine, items: list, pad: bool | None = None) -> tuple[list, int]:
     """This rank's items (every world_size-th) and how many of them count.
 
     On a lockstep engine (ZeRO-3, model parallel) every rank must run the same number of forwards, so
-    a short share is padded with copies of the first item, which are run but not counted.
+    a short share is padded with copies of the first item, which are run but not counted (``pad=True``
+    does the same on any engine).
     """
     mine = items[engine.rank :: engine.world_size]
-    if not engine.lockstep or not items:
+    if not (engine.lockstep if pad is None else pad) or not items:
         return mine, len(mine)
     rounds = -(-len(items) // engine.world_size)
     return mine + [items[0]] * (rounds - len(mine)), len(mine)

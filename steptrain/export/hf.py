@@ -17,8 +17,9 @@ from steptrain.checkpoint.manager import COMPLETE
 from steptrain.checkpoint.rng import seed_everything
 from steptrain.config import load_saved_config
 from steptrain.engines.torch_engine import WEIGHTS, load_trainable
-from steptrain.models.loader import load_model, load_tokenizer
+from steptrain.models.loader import load_tokenizer
 from steptrain.models.lora import apply_lora
+from steptrain.models.reward import model_loader
 
 
 class ExportError(RuntimeError):
@@ -33,7 +34,7 @@ def rebuild_from_checkpoint(ckpt_dir: str | Path):
     cfg = load_saved_config(ckpt / "config.yaml")
     tokenizer = load_tokenizer(cfg.model)
     seed_everything(cfg.trainer.seed)  # a preset's frozen random base must match the one trained
-    model, new_ids = load_model(cfg.model, tokenizer)
+    model, new_ids = model_loader(cfg.recipe.name)(cfg.model, tokenizer)
     if cfg.peft.method == "lora":
         model = apply_lora(model, cfg.peft, new_ids)
     if (ckpt / WEIGHTS).exists():

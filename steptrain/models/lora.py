@@ -28,12 +28,16 @@ def lora_config(peft_cfg, new_token_ids: list[int], model=None) -> LoraConfig:
     if getattr(model, "audio_encoder", None) is not None and targets == "all-linear":
         targets = [f"llm.{name}" for name in _speech_targets(model)]
         modules_to_save = modules_to_save or ["audio_adapter"]
+    task_type = "CAUSAL_LM"
+    if model is not None and type(model).__name__.endswith("ForSequenceClassification"):
+        task_type = "SEQ_CLS"  # peft then keeps the (new) score head fully trainable
+        modules_to_save = [*modules_to_save, "score"] if "score" not in modules_to_save else modules_to_save
     kwargs = {}
     if new_token_ids and peft_cfg.train_new_tokens:
         # Rows of added tokens are random/mean-initialised: they must learn, while the rest stays frozen.
         kwargs["trainable_token_indices"] = list(new_token_ids)
     return LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         r=peft_cfg.r,
         lora_alpha=peft_cfg.alpha,
         lora_dropout=peft_cfg.dropout,

@@ -25,36 +25,20 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from steptrain.data import collate
-from steptrain.data.preference import load_preference_data, read_preference_rows
+from steptrain.data.preference import PairBatches, load_preference_data, read_preference_rows
 from steptrain.engines import build_engine
 from steptrain.eval.lm import rank_share
 from steptrain.inputs import clip_features, reply_audio_spec, speech_audio_spec
 from steptrain.models.forward import lm_logits
 from steptrain.models.loader import audio_code_ids, is_speech_config, load_model, load_tokenizer
 from steptrain.objectives import audio_token_mask, preference_loss, sequence_logps
-from steptrain.recipes.loop import build_model, split_eval, start_run, train
+from steptrain.recipes.loop import build_model, evaluate_task, split_eval, start_run, train
 
 log = logging.getLogger("steptrain")
 
 REFERENCE_FREE = ("simpo", "orpo")
 CACHE = "reference_logps.safetensors"
 STATS = ("pairs", "loss", "chosen_rewards", "rejected_rewards", "correct", "chosen_logps", "rejected_logps")
-
-
-class PairBatches:
-    """Micro-batches of pairs as one padded batch: rows 0..B-1 chosen, B..2B-1 rejected."""
-
-    def __init__(self, pairs, pad_id: int, features):
-        self.pairs, self.pad_id, self.features = pairs, pad_id, features
-        self.flat = [e for pair in pairs for e in pair]  # chosen of pair i at 2i, rejected at 2i + 1
-        self.lengths = [len(c.input_ids) + len(r.input_ids) for c, r in pairs]
-
-    def batch(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        ids = [i for row in rows for i in row]
-        batch = collate([[2 * i] for i in ids] + [[2 * i + 1] for i in ids], self.flat, pad_id=self.pad_id,
-                        packing=False, audio_features=self.features)
-        return {**batch, "pair_ids": torch.tensor(ids)}
 
 
 def reply_logps(model, batch, engine, audio_ids) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,26 +172,6 @@ class DPOTask:
         }
 
 
-def evaluate_pairs(engine, task: DPOTask, batch_size: int) -> dict:
-    """Held-out preference loss, rewards and accuracy (the reward of chosen above that of rejected)."""
-    n = len(task.batches.pairs)
-    chunks = [[[i] for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
-    mine, counted = rank_share(engine, chunks)
-    model = engine.module
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(len(STATS), dtype=torch.float64)
-    with torch.no_grad():
-        for k, rows in enumerate(mine):
-            batch = {key: v.to(engine.device) for key, v in task.batch(rows).items() if v is not None}
-            _, stats = task.loss(model, batch)
-            if k < counted:
-                totals += stats
-    model.train(was_training)
-    engine.all_reduce(totals)
-    return task.summarize(totals, prefix="eval/")
-
-
 def adapter_off_reference(engine, audio_ids):
     """The LoRA policy with its adapter disabled (and dropout off) as the reference model."""
 
@@ -280,7 +244,7 @@ def run(cfg) -> dict:
                     task.reference = PrecomputedReference(tables, name)
 
         def evaluate() -> dict:
-            return evaluate_pairs(engine, tasks["eval"], cfg.trainer.batch_size) if "eval" in tasks else {}
+            return evaluate_task(engine, tasks["eval"], cfg.trainer.batch_size) if "eval" in tasks else {}
 
         return train(cfg, engine, tasks["train"], model, evaluate, on_prepared=on_prepared)
     finally:

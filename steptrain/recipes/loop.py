@@ -34,9 +34,10 @@ from steptrain.checkpoint.rng import seed_everything
 from steptrain.config import ConfigError
 from steptrain.data import plan_epoch, read_rows
 from steptrain.engines.optim import param_groups
+from steptrain.eval.lm import rank_share
 from steptrain.logging import MetricsLogger
-from steptrain.models.loader import load_model
 from steptrain.models.lora import apply_lora, count_parameters
+from steptrain.models.reward import model_loader
 
 log = logging.getLogger("steptrain")
 
@@ -59,11 +60,35 @@ class Task(Protocol):
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, stats vector to sum over micro-batches and ranks) under the engine's autocast."""
 
-    def summarize(self, totals: torch.Tensor) -> dict:
-        """Step metrics (must include "loss") from the summed stats vector."""
+    def summarize(self, totals: torch.Tensor, prefix: str = "") -> dict:
+        """Step metrics (must include "loss") from the summed stats vector, keys prefixed."""
 
     def sources(self, rows: list[list[int]]) -> list[str]:
         """``file:line`` of the examples in ``rows`` (for error messages)."""
+
+
+def evaluate_task(engine, task: Task, batch_size: int) -> dict:
+    """Held-out metrics of ``task`` over all its examples (unpacked), summed over ranks ("eval/" keys).
+
+    Every rank runs the same number of batches (a short share repeats a batch that is not counted), so
+    this is safe on lockstep engines and gives every rank a stats vector to reduce.
+    """
+    n = len(task.lengths)
+    chunks = [[[i] for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
+    mine, counted = rank_share(engine, chunks, pad=True)
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    totals = None
+    with torch.no_grad():
+        for k, rows in enumerate(mine):
+            batch = {key: v.to(engine.device) for key, v in task.batch(rows).items() if v is not None}
+            _, stats = task.loss(model, batch)
+            stats = stats if k < counted else torch.zeros_like(stats)
+            totals = stats if totals is None else totals + stats
+    model.train(was_training)
+    engine.all_reduce(totals)
+    return task.summarize(totals, prefix="eval/")
 
 
 def split_eval(cfg, rows):
@@ -119,7 +144,7 @@ def build_model(cfg, engine, tokenizer):
     """The (LoRA-wrapped) model, seeded identically on every rank and every engine."""
     seed_everything(cfg.trainer.seed)  # export re-seeds the same way to rebuild a preset's random base
     with engine.init_context(cfg.model):
-        model, new_ids = load_model(cfg.model, tokenizer)
+        model, new_ids = model_loader(cfg.recipe.name)(cfg.model, tokenizer)
     if cfg.peft.method == "lora":
         model = apply_lora(model, cfg.peft, new_ids)
     trainable, total = count_parameters(model)

@@ -44,8 +44,8 @@ class SFTTask:
         loss_sum, m = lm_loss_sum(logits, batch["labels"], self.audio_ids, self.cfg.objective.audio_loss_weight)
         return loss_sum, stats_vector(m)
 
-    def summarize(self, totals: torch.Tensor) -> dict:
-        return summarize_stats(totals)
+    def summarize(self, totals: torch.Tensor, prefix: str = "") -> dict:
+        return summarize_stats(totals, prefix)
 
     def sources(self, rows) -> list[str]:
         return [self.examples[i].source for row in rows for i in row]

@@ -1,0 +1,98 @@
+"""Reward model training (Bradley-Terry) on preference pairs, on any engine, full or LoRA.
+
+A scalar head on the LM scores chosen and rejected conversations in one forward (2B rows); the loss of
+a pair is -log sigmoid(r_chosen - r_rejected - margin) (``objectives/preference.py``), the step loss the
+mean over the step's pairs. Held-out pairwise accuracy (r_chosen > r_rejected) is the headline metric.
+With ``data.deaf_negatives`` (speech data) extra pairs teach the model to punish answers that ignore
+the audio.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from steptrain.data.preference import PairBatches, load_preference_data, read_preference_rows
+from steptrain.engines import build_engine
+from steptrain.inputs import clip_features, reply_audio_spec, speech_audio_spec
+from steptrain.models.loader import is_speech_config, load_tokenizer
+from steptrain.models.reward import sequence_scores
+from steptrain.objectives import reward_model_loss
+from steptrain.recipes.loop import build_model, evaluate_task, split_eval, start_run, train
+
+log = logging.getLogger("steptrain")
+
+STATS = ("pairs", "loss", "correct", "chosen_scores", "rejected_scores")
+
+
+class RewardTask:
+    def __init__(self, batches: PairBatches, engine):
+        self.batches, self.engine, self.lengths = batches, engine, batches.lengths
+
+    def batch(self, rows):
+        return self.batches.batch(rows)
+
+    def count(self, batch) -> float:
+        return float(len(batch["pair_ids"]))
+
+    def sources(self, rows) -> list[str]:
+        return [self.batches.pairs[i][0].source for row in rows for i in row]
+
+    def loss(self, model, batch):
+        b = len(batch["pair_ids"])
+        with self.engine.autocast():
+            scores = sequence_scores(model, batch)
+        chosen, rejected = scores[:b], scores[b:]
+        losses = reward_model_loss(chosen, rejected, batch["margin"].to(scores.dtype))
+        stats = torch.stack([
+            torch.tensor(float(b), dtype=torch.float64), losses.detach().sum().double().cpu(),
+            (chosen > rejected).sum().double().cpu(), chosen.detach().sum().double().cpu(),
+            rejected.detach().sum().double().cpu(),
+        ])
+        return losses.sum(), stats
+
+    def summarize(self, totals: torch.Tensor, prefix: str = "") -> dict:
+        t = dict(zip(STATS, totals.tolist(), strict=True))
+        n = max(t["pairs"], 1.0)
+        return {
+            f"{prefix}loss": t["loss"] / n,
+            f"{prefix}accuracy": t["correct"] / n,
+            f"{prefix}scores/chosen": t["chosen_scores"] / n,
+            f"{prefix}scores/rejected": t["rejected_scores"] / n,
+            f"{prefix}scores/margins": (t["chosen_scores"] - t["rejected_scores"]) / n,
+            f"{prefix}pairs": int(t["pairs"]),
+        }
+
+
+def run(cfg) -> dict:
+    """Train according to ``cfg``; returns the last train and eval metrics."""
+    engine = build_engine(cfg.engine, cfg.trainer, cfg.optim)
+    try:
+        start_run(cfg, engine)
+        tokenizer = load_tokenizer(cfg.model)
+        rows, skipped = read_preference_rows(list(cfg.data.train_files), on_error=cfg.data.on_error)
+        if cfg.data.eval_files:
+            train_rows, eval_rows = rows, read_preference_rows(list(cfg.data.eval_files), cfg.data.on_error)[0]
+        else:
+            train_rows, eval_rows = split_eval(cfg, rows)
+        audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
+        features = clip_features if audio else None
+        reply = reply_audio_spec(tokenizer, cfg.model, cfg.data)
+        data = load_preference_data(train_rows, tokenizer, cfg.data, audio=audio, reply=reply)
+        data.stats["skipped"] = {**skipped, **data.stats["skipped"]}
+        if engine.is_main:
+            log.info("preference data: %s", data.stats)
+        task = RewardTask(PairBatches(data.pairs, tokenizer.pad_token_id, features, data.margins), engine)
+        evaluate = dict
+        if eval_rows:
+            held = load_preference_data(eval_rows, tokenizer, cfg.data, audio=audio, reply=reply)
+            eval_task = RewardTask(PairBatches(held.pairs, tokenizer.pad_token_id, features, held.margins), engine)
+
+            def evaluate() -> dict:
+                return evaluate_task(engine, eval_task, cfg.trainer.batch_size)
+
+        model = build_model(cfg, engine, tokenizer)
+        return train(cfg, engine, task, model, evaluate)
+    finally:
+        engine.close()
