@@ -171,3 +171,20 @@ def test_zero3_two_ranks_match_single_process(assets, pref, tmp_path):
         assert zero3[step] == pytest.approx(single[step], rel=1e-5)
     evals = [r["eval/rewards/accuracy"] for r in read_metrics(tmp_path / "zero3") if "eval/rewards/accuracy" in r]
     assert evals == [r["eval/rewards/accuracy"] for r in read_metrics(tmp_path / "single") if "eval/rewards/accuracy" in r]
+
+
+def test_deaf_negatives_pair_each_clip_with_another_clips_reply():
+    from steptrain.data.preference import deaf_negatives
+
+    rows = [{"messages": [{"role": "user", "content": "<audio>What digits?"}, {"role": "assistant", "content": f"{i} {i}"}],
+             "rejected_response": "no", "audios": [f"a{i}.wav"], "_source": f"f.jsonl:{i}"} for i in range(6)]
+    text_only = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                 "rejected_response": "no"}
+    extra = deaf_negatives([*rows, text_only], fraction=0.5, seed=0)
+    assert len(extra) == 3  # half of the 6 audio rows; the text-only row never qualifies
+    replies = {r["audios"][0]: r["messages"][-1]["content"] for r in rows}
+    for pair in extra:
+        assert pair["negative"] == "deaf" and pair["messages"][-1]["content"] == replies[pair["audios"][0]]
+        assert pair["rejected_response"] in replies.values()
+        assert pair["rejected_response"] != replies[pair["audios"][0]]  # a reply written for another clip
+    assert deaf_negatives(rows, fraction=0.5, seed=0) == extra  # seeded

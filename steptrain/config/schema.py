@@ -56,6 +56,8 @@ class DataConfig:
     # interleave with its audio tokens, T text then A audio, inside <tts_start> ... <tts_end>. None: the
     # turn's text stays text and the audio tokens follow it as one block.
     reply_interleave: str | None = None
+    # recipe=dpo|reward: add this fraction of "deaf" pairs (rejected = another clip's reply) per audio row
+    deaf_negatives: float = 0.0
 
 
 @dataclass

@@ -59,6 +59,8 @@ def validate(cfg: DictConfig) -> None:
             fail(f"data.reply_interleave={d.reply_interleave!r} must be 'T:A' with two positive integers, e.g. '10:15'")
         if not m.audio_codes:
             fail("data.reply_interleave interleaves spoken replies' audio tokens: it needs model.audio_codes > 0")
+    if not 0.0 <= d.deaf_negatives <= 1.0:
+        fail(f"data.deaf_negatives={d.deaf_negatives} must be a fraction in [0, 1]")
     if d.audio_tokenizer and not m.audio_codes:
         fail("data.audio_tokenizer turns spoken replies into codes: it needs model.audio_codes > 0")
     if not d.train_files:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steptrain.data.audio_spans import AudioSpec, ReplyAudioSpec
+from steptrain.data.audio_spans import AUDIO_TAG, AudioSpec, ReplyAudioSpec
 from steptrain.data.batching import collate
 from steptrain.data.dataset import encode_row
 from steptrain.data.encode import Encoded
@@ -53,6 +53,25 @@ def normalize_preference_row(row: object) -> dict:
     if row["rejected_response"] == last["content"] and same_audio:
         raise DataError("chosen equals rejected", "the two replies are identical")
     return row
+
+
+def deaf_negatives(rows: list[dict], fraction: float, seed: int = 0) -> list[dict]:
+    """Extra pairs that punish "deaf" answers: same prompt and audio, rejected = a reply written for
+    another clip (fluent, on-topic, but ignoring what this audio says). Step-Audio-R1's reward data guards
+    against this hacking. ``fraction`` of the rows with heard audio each get one such pair."""
+    import random
+
+    heard = [r for r in rows if r.get("audios") and any(
+        AUDIO_TAG in m["content"] for m in r["messages"][:-1] if m["role"] != "assistant")]
+    rng = random.Random(seed)
+    out = []
+    for row in rng.sample(heard, round(fraction * len(heard))):
+        others = [o for o in heard if o["audios"] != row["audios"] and o["messages"][-1]["content"] != row["messages"][-1]["content"]]
+        if others:
+            other = rng.choice(others)
+            out.append({**row, "rejected_response": other["messages"][-1]["content"], "negative": "deaf",
+                        "_source": f"{row.get('_source', 'row')} (deaf negative)"})
+    return out
 
 
 def rejected_conversation(row: dict) -> dict:

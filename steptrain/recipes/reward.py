@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from steptrain.data.preference import PairBatches, load_preference_data, read_preference_rows
+from steptrain.data.preference import PairBatches, deaf_negatives, load_preference_data, read_preference_rows
 from steptrain.engines import build_engine
 from steptrain.inputs import clip_features, reply_audio_spec, speech_audio_spec
 from steptrain.models.loader import is_speech_config, load_tokenizer
@@ -76,6 +76,8 @@ def run(cfg) -> dict:
             train_rows, eval_rows = rows, read_preference_rows(list(cfg.data.eval_files), cfg.data.on_error)[0]
         else:
             train_rows, eval_rows = split_eval(cfg, rows)
+        if cfg.data.deaf_negatives:
+            train_rows = train_rows + deaf_negatives(train_rows, cfg.data.deaf_negatives, cfg.trainer.seed)
         audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
         features = clip_features if audio else None
         reply = reply_audio_spec(tokenizer, cfg.model, cfg.data)
