@@ -8,7 +8,7 @@ import torch
 from data_pipelines.preference_corpus import write_preference_corpus
 from steptrain.config import load_config
 from steptrain.recipes import reward
-from tests.conftest import read_metrics, run_cli
+from tests.conftest import TORCHRUN, read_metrics, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +59,15 @@ def test_lora_reward_model_exports_as_a_sequence_classifier_with_equal_scores(as
     torch.testing.assert_close(m, a, rtol=0, atol=1e-5)
     saved = adapter.base_model.model.score.modules_to_save["default"].weight
     assert saved.abs().sum() > 0  # the trained head travelled with the adapter
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_match_single_process(assets, digits_pref, tmp_path):
+    common = ["trainer.max_steps=3", "trainer.batch_size=4"]
+    run_cli(["train", *rm_args(assets, digits_pref, tmp_path / "single", *common, "trainer.grad_accum=2")])
+    run_cli(["train", *rm_args(assets, digits_pref, tmp_path / "zero3", *common, "engine=deepspeed")], launcher=TORCHRUN)
+    single, zero3 = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "zero3")
+    assert [r["step"] for r in zero3] == [r["step"] for r in single]  # eval at 0, steps 1-3, eval at 3
+    for a, b in zip(single, zero3, strict=True):
+        key = "loss" if "loss" in a else "eval/loss"
+        assert b[key] == pytest.approx(a[key], rel=1e-5)
