@@ -74,6 +74,9 @@ class ObjectiveConfig:
     ref_model_path: str | None = None
     length_normalize: bool = False  # per-token mean log-probs instead of sums (sigmoid / cdpo / robust)
     mask_audio: bool = False  # leave discrete audio tokens out of the log-probs (Step-Audio-AQAA)
+    # Dropout off in the policy (as TRL does): the reference is scored without dropout, so with dropout
+    # on the first loss is not log 2 and the preference signal is noisier.
+    disable_dropout: bool = True
 
 
 @dataclass

@@ -80,10 +80,17 @@ def compute_reference(engine, batches: PairBatches, batch_size: int, audio_ids) 
     return out[0].float(), out[1].float()
 
 
+def _weight_files(cfg) -> list[list]:
+    """(path, size, mtime) of every file of the model directories: a changed model changes the cache key."""
+    dirs = [d for d in (cfg.model.path, cfg.model.llm_path, cfg.model.encoder_path) if d]
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for d in dirs for f in sorted(Path(d).rglob("*")) if f.is_file()]
+
+
 def fingerprint(cfg, splits: dict[str, PairBatches]) -> str:
-    """Identifies what a cache was computed from: the token ids of every pair and the model settings."""
+    """Identifies what a cache was computed from: every pair's token ids, the model settings and files."""
     h = hashlib.sha256()
-    h.update(json.dumps({"model": str(cfg.model), "peft": str(cfg.peft), "mask_audio": cfg.objective.mask_audio}).encode())
+    h.update(json.dumps({"model": str(cfg.model), "peft": str(cfg.peft), "mask_audio": cfg.objective.mask_audio,
+                         "files": _weight_files(cfg)}).encode())
     for name, batches in splits.items():
         h.update(name.encode())
         for e in batches.flat:
@@ -230,6 +237,10 @@ def run(cfg) -> dict:
             log.info("preference data: %s", data.stats)
         model = build_model(cfg, engine, tokenizer)
         o = cfg.objective
+        if o.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
         references: dict = {name: None for name in splits}
         if o.loss not in REFERENCE_FREE:
             if o.reference == "adapter_off":
