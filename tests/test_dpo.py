@@ -188,3 +188,43 @@ def test_deaf_negatives_pair_each_clip_with_another_clips_reply():
         assert pair["rejected_response"] in replies.values()
         assert pair["rejected_response"] != replies[pair["audios"][0]]  # a reply written for another clip
     assert deaf_negatives(rows, fraction=0.5, seed=0) == extra  # seeded
+
+
+def test_shared_prompt_rows_score_each_reply_as_its_own_sequence(assets, pref, tmp_path):
+    from steptrain.data.preference import SharedPromptBatches
+    from steptrain.engines import build_engine
+    from steptrain.models.loader import load_model
+
+    cfg = load_config(dpo_args(assets, pref, tmp_path))
+    tok = load_tokenizer(cfg.model)
+    pairs = load_preference_data([str(pref["eval"])], tok, cfg.data).pairs[:6]
+    model, _ = load_model(cfg.model, tok)
+    model.eval()
+    engine = build_engine(cfg.engine, cfg.trainer, cfg.optim)
+    rows = [[i] for i in range(len(pairs))]
+    shared = SharedPromptBatches(pairs, tok.pad_token_id)
+    assert all(0 < p < len(c.input_ids) for p, (c, _) in zip(shared.prefix, pairs, strict=True))
+    assert shared.lengths[0] == len(pairs[0][0].input_ids) + len(pairs[0][1].input_ids) - shared.prefix[0]
+    with torch.no_grad():
+        two_rows, n2 = dpo.reply_logps(model, PairBatches(pairs, tok.pad_token_id, None).batch(rows), engine, None)
+        one_row, n1 = dpo.reply_logps(model, shared.batch(rows), engine, None)
+        # the rejected reply must not see the chosen one: changing the chosen reply leaves it unchanged
+        c, r = pairs[0]
+        p = shared.prefix[0]
+        other = type(c)(c.input_ids[:p] + [t if i < p else tok.pad_token_id + 1 for i, t in enumerate(c.input_ids)][p:],
+                        c.labels, c.source)
+        moved, _ = dpo.reply_logps(model, SharedPromptBatches([(other, r)], tok.pad_token_id).batch([[0]]), engine, None)
+    assert torch.equal(n1, n2)
+    torch.testing.assert_close(one_row, two_rows, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(moved[1], one_row[len(pairs)], rtol=0, atol=1e-6)
+    assert not torch.isclose(moved[0], one_row[0])
+
+
+def test_shared_prompt_and_two_row_training_agree(assets, pref, tmp_path):
+    for share in ("true", "false"):
+        dpo.run(load_config(dpo_args(assets, pref, tmp_path / share, "trainer.max_steps=3",
+                                     f"objective.share_prompt={share}")))
+    shared, separate = train_losses(tmp_path / "true"), train_losses(tmp_path / "false")
+    assert sorted(shared) == [1, 2, 3]
+    for step in separate:
+        assert shared[step] == pytest.approx(separate[step], rel=1e-5)

@@ -77,6 +77,9 @@ class ObjectiveConfig:
     # Dropout off in the policy (as TRL does): the reference is scored without dropout, so with dropout
     # on the first loss is not log 2 and the preference signal is noisier.
     disable_dropout: bool = True
+    # One row per pair (prompt once, then both replies; a 4D mask keeps them apart) instead of two rows:
+    # the prompt's compute is shared. Text-only data; heard audio always uses two rows.
+    share_prompt: bool = True
 
 
 @dataclass

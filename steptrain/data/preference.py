@@ -21,7 +21,7 @@ import torch
 from steptrain.data.audio_spans import AUDIO_TAG, AudioSpec, ReplyAudioSpec
 from steptrain.data.batching import collate
 from steptrain.data.dataset import encode_row
-from steptrain.data.encode import Encoded
+from steptrain.data.encode import IGNORE_INDEX, Encoded
 from steptrain.data.errors import DataError
 from steptrain.data.reader import read_rows, validate_row
 from steptrain.data.templates import NOT_PREFIX_STABLE, build_template
@@ -149,3 +149,71 @@ class PairBatches:
         batch = collate([[2 * i] for i in ids] + [[2 * i + 1] for i in ids], self.flat, pad_id=self.pad_id,
                         packing=False, audio_features=self.features)
         return {**batch, "pair_ids": torch.tensor(ids), "margin": self.margins[ids]}
+
+
+def shared_prefix(chosen: Encoded, rejected: Encoded) -> int:
+    """Length of the untrained prefix both sides share (the prompt): scored once in a shared-prompt row."""
+    first_c = next(t for t, lab in enumerate(chosen.labels) if lab != IGNORE_INDEX)
+    first_r = next(t for t, lab in enumerate(rejected.labels) if lab != IGNORE_INDEX)
+    common = next((t for t, (a, b) in enumerate(zip(chosen.input_ids, rejected.input_ids, strict=False)) if a != b),
+                  min(len(chosen.input_ids), len(rejected.input_ids)))
+    return min(first_c, first_r, common)
+
+
+class SharedPromptBatches:
+    """One row per pair: prompt, chosen reply, rejected reply; the prompt is computed once.
+
+    Positions restart after the prompt for each reply, and a 4D attention mask lets the rejected reply see
+    the prompt but not the chosen one, so every reply token is scored exactly as in its own sequence
+    (causal attention), with the prompt's compute shared. The log-prob of a reply token at index t of its
+    own sequence is read from the row position that holds its index t - 1 (the prompt's last position
+    predicts the first token of both replies). Text-only pairs (heard audio uses ``PairBatches``).
+    """
+
+    def __init__(self, pairs, pad_id: int, margins: list[float] | None = None):
+        self.pairs, self.pad_id = pairs, pad_id
+        self.margins = torch.tensor(margins if margins is not None else [0.0] * len(pairs))
+        self.prefix = [shared_prefix(c, r) for c, r in pairs]
+        self.lengths = [len(c.input_ids) + len(r.input_ids) - p for (c, r), p in zip(pairs, self.prefix, strict=True)]
+
+    def _targets(self, e: Encoded, p: int, tail_start: int) -> tuple[list[int], list[int]]:
+        """(row positions, target ids) of a side's trained tokens; its tail sits at row index tail_start."""
+        pos, tgt = [], []
+        for t in range(1, len(e.input_ids)):
+            if e.labels[t] != IGNORE_INDEX:
+                pos.append(t - 1 if t - 1 < p else tail_start + (t - 1 - p))
+                tgt.append(e.labels[t])
+        return pos, tgt
+
+    def batch(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        ids = [i for row in rows for i in row]
+        width = max(self.lengths[i] for i in ids)
+        b = len(ids)
+        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        position_ids = torch.zeros((b, width), dtype=torch.long)
+        mask = torch.zeros((b, 1, width, width), dtype=torch.bool)
+        sides: dict[str, list] = {"chosen": [], "rejected": []}
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        for k, i in enumerate(ids):
+            c, r = self.pairs[i]
+            p, n_c = self.prefix[i], len(c.input_ids)
+            row = c.input_ids + r.input_ids[p:]
+            input_ids[k, : len(row)] = torch.tensor(row)
+            position_ids[k, : len(row)] = torch.tensor(list(range(n_c)) + list(range(p, len(r.input_ids))))
+            m = causal.clone()
+            m[n_c : len(row), p:n_c] = False  # the rejected reply never sees the chosen one
+            m[len(row) :] = torch.eye(width, dtype=torch.bool)[len(row) :]  # padding attends to itself only
+            mask[k, 0] = m
+            sides["chosen"].append(self._targets(c, p, p))
+            sides["rejected"].append(self._targets(r, p, n_c))
+        out = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
+               "pair_ids": torch.tensor(ids), "margin": self.margins[ids]}
+        for side, items in sides.items():
+            n = max(len(pos) for pos, _ in items)
+            pos_t = torch.zeros((b, n), dtype=torch.long)
+            tgt_t = torch.full((b, n), IGNORE_INDEX, dtype=torch.long)
+            for k, (pos, tgt) in enumerate(items):
+                pos_t[k, : len(pos)] = torch.tensor(pos)
+                tgt_t[k, : len(tgt)] = torch.tensor(tgt)
+            out[f"{side}_positions"], out[f"{side}_targets"] = pos_t, tgt_t
+        return out

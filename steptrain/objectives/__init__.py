@@ -4,6 +4,7 @@ from steptrain.objectives.lm import lm_loss_sum, stats_vector, summarize_stats
 from steptrain.objectives.preference import (
     LOSSES,
     audio_token_mask,
+    gathered_logps,
     preference_loss,
     reward_model_loss,
     sequence_logps,
@@ -12,6 +13,7 @@ from steptrain.objectives.preference import (
 __all__ = [
     "LOSSES",
     "audio_token_mask",
+    "gathered_logps",
     "lm_loss_sum",
     "preference_loss",
     "reward_model_loss",

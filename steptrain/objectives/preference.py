@@ -52,6 +52,22 @@ def sequence_logps(
     return -nll.sum(-1), (shift_labels != IGNORE_INDEX).sum(-1)
 
 
+def gathered_logps(
+    logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`sequence_logps` for targets read at explicit positions: ``targets[b, j]`` (-100: none)
+    is scored by ``logits[b, positions[b, j]]``. Used when two replies share one prompt in a row, so
+    the prompt's last position predicts the first token of both. ``token_mask`` is aligned with targets.
+    """
+    if token_mask is not None:
+        targets = targets.masked_fill(~token_mask.bool(), IGNORE_INDEX)
+    picked = torch.gather(logits, 1, positions[..., None].expand(-1, -1, logits.shape[-1])).float()
+    nll = F.cross_entropy(
+        picked.reshape(-1, picked.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(targets)
+    return -nll.sum(-1), (targets != IGNORE_INDEX).sum(-1)
+
+
 def audio_token_mask(labels: torch.Tensor, audio_ids: tuple[int, int] | None) -> torch.Tensor | None:
     """True where a label is NOT a discrete audio token (ids ``first..last`` inclusive); None without audio.
 

@@ -25,13 +25,19 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from steptrain.data.preference import PairBatches, deaf_negatives, load_preference_data, read_preference_rows
+from steptrain.data.preference import (
+    PairBatches,
+    SharedPromptBatches,
+    deaf_negatives,
+    load_preference_data,
+    read_preference_rows,
+)
 from steptrain.engines import build_engine
 from steptrain.eval.lm import rank_share
 from steptrain.inputs import clip_features, reply_audio_spec, speech_audio_spec
 from steptrain.models.forward import lm_logits
 from steptrain.models.loader import audio_code_ids, is_speech_config, load_model, load_tokenizer
-from steptrain.objectives import audio_token_mask, preference_loss, sequence_logps
+from steptrain.objectives import audio_token_mask, gathered_logps, preference_loss, sequence_logps
 from steptrain.recipes.loop import build_model, evaluate_task, split_eval, start_run, train
 
 log = logging.getLogger("steptrain")
@@ -42,10 +48,18 @@ STATS = ("pairs", "loss", "chosen_rewards", "rejected_rewards", "correct", "chos
 
 
 def reply_logps(model, batch, engine, audio_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probs, counted tokens) of every row's trained reply, optionally without audio tokens."""
+    """(summed log-probs, counted tokens) of the trained replies, chosen ones first then rejected ones,
+    optionally without audio tokens; for two-row (PairBatches) and shared-prompt batches alike."""
     with engine.autocast():
         logits = lm_logits(model, batch)
-    return sequence_logps(logits, batch["labels"], audio_token_mask(batch["labels"], audio_ids))
+    if "chosen_positions" not in batch:
+        return sequence_logps(logits, batch["labels"], audio_token_mask(batch["labels"], audio_ids))
+    sides = [
+        gathered_logps(logits, batch[f"{side}_positions"], batch[f"{side}_targets"],
+                       audio_token_mask(batch[f"{side}_targets"], audio_ids))
+        for side in ("chosen", "rejected")
+    ]
+    return torch.cat([sides[0][0], sides[1][0]]), torch.cat([sides[0][1], sides[1][1]])
 
 
 class PrecomputedReference:
@@ -93,8 +107,8 @@ def fingerprint(cfg, splits: dict[str, PairBatches]) -> str:
                          "files": _weight_files(cfg)}).encode())
     for name, batches in splits.items():
         h.update(name.encode())
-        for e in batches.flat:
-            h.update(json.dumps([e.input_ids, e.labels]).encode())
+        for pair in batches.pairs:
+            h.update(json.dumps([[e.input_ids, e.labels] for e in pair]).encode())
     return h.hexdigest()
 
 
@@ -229,10 +243,14 @@ def run(cfg) -> dict:
         audio_ids = audio_code_ids(tokenizer, cfg.model.audio_codes) if cfg.objective.mask_audio else None
         data = load_preference_data(train_rows, tokenizer, cfg.data, audio=audio, reply=reply)
         data.stats["skipped"] = {**skipped, **data.stats["skipped"]}
-        splits = {"train": PairBatches(data.pairs, tokenizer.pad_token_id, features)}
+        def batches(pairs):
+            if cfg.objective.share_prompt and features is None:
+                return SharedPromptBatches(pairs, tokenizer.pad_token_id)
+            return PairBatches(pairs, tokenizer.pad_token_id, features)
+
+        splits = {"train": batches(data.pairs)}
         if eval_rows:
-            evalset = load_preference_data(eval_rows, tokenizer, cfg.data, audio=audio, reply=reply)
-            splits["eval"] = PairBatches(evalset.pairs, tokenizer.pad_token_id, features)
+            splits["eval"] = batches(load_preference_data(eval_rows, tokenizer, cfg.data, audio=audio, reply=reply).pairs)
         if engine.is_main:
             log.info("preference data: %s", data.stats)
         model = build_model(cfg, engine, tokenizer)
