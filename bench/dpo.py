@@ -189,14 +189,22 @@ def _worker_steptrain(spec: dict) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(overrides)
     counts, steps, timing, encoded = _Counts(), [], {}, {}
-    batch, log, precomputed, load_data = (dpo.PairBatches.batch, MetricsLogger.log, dpo.precomputed_reference,
-                                          dpo.load_preference_data)
+    batch, shared_batch, log, precomputed, load_data = (
+        dpo.PairBatches.batch, dpo.SharedPromptBatches.batch, MetricsLogger.log, dpo.precomputed_reference,
+        dpo.load_preference_data)
     compute = dpo.compute_reference
 
     def counting_batch(self, rows):
         out = batch(self, rows)
         counts.add(len(out["pair_ids"]), int(out["attention_mask"].sum()), out["input_ids"].numel(),
                    int((out["labels"][:, 1:] != -100).sum()))
+        return out
+
+    def counting_shared_batch(self, rows):  # one row per pair: the prompt once, then both replies
+        out = shared_batch(self, rows)
+        replies = sum(int((out[f"{side}_targets"] != -100).sum()) for side in ("chosen", "rejected"))
+        counts.add(len(out["pair_ids"]), sum(self.lengths[i] for i in out["pair_ids"].tolist()),
+                   out["input_ids"].numel(), replies)
         return out
 
     def timed_log(self, record):
@@ -224,6 +232,7 @@ def _worker_steptrain(spec: dict) -> dict:
         return data
 
     dpo.PairBatches.batch = counting_batch
+    dpo.SharedPromptBatches.batch = counting_shared_batch
     MetricsLogger.log = timed_log
     dpo.precomputed_reference = timed_precompute
     dpo.compute_reference = timed_compute
