@@ -15,13 +15,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from steptrain.engines.process_group import ProcessGroupCollectives
 from steptrain.engines.single import resolve_device
 from steptrain.engines.torch_engine import TorchEngine
 
-OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
-
-class DDPEngine(TorchEngine):
+class DDPEngine(ProcessGroupCollectives, TorchEngine):
     name = "ddp"
 
     def __init__(self, engine_cfg, trainer_cfg):
@@ -62,13 +61,3 @@ class DDPEngine(TorchEngine):
     def backward(self, loss: torch.Tensor) -> None:
         (loss * self.world_size).backward()
 
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        dist.all_reduce(tensor, op=OPS[op])
-        return tensor
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -33,9 +33,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from steptrain.engines.base import Engine
-from steptrain.engines.ddp import OPS
 from steptrain.engines.deepspeed_config import deepspeed_config
 from steptrain.engines.optim import build_optimizer, build_scheduler, optimizer_groups
+from steptrain.engines.process_group import ProcessGroupCollectives
 from steptrain.engines.single import resolve_device
 from steptrain.engines.torch_engine import SCHEDULER, WEIGHTS
 
@@ -64,7 +64,7 @@ def _import_deepspeed(on_gpu: bool):
     return deepspeed
 
 
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine(ProcessGroupCollectives, Engine):
     name = "deepspeed"
 
     def __init__(self, engine_cfg, trainer_cfg, optim_cfg):
@@ -144,17 +144,6 @@ class DeepSpeedEngine(Engine):
         self.scheduler.step()
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
-
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        dist.all_reduce(tensor, op=OPS[op])
-        return tensor
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
     # --- state ------------------------------------------------------------------------------------
     def save(self, ckpt_dir: Path) -> None:

@@ -28,17 +28,14 @@ from safetensors.torch import load_file, save_file
 from steptrain.data.preference import (
     PairBatches,
     SharedPromptBatches,
-    deaf_negatives,
-    load_preference_data,
-    read_preference_rows,
 )
 from steptrain.engines import build_engine
 from steptrain.eval.lm import rank_share
-from steptrain.inputs import clip_features, reply_audio_spec, speech_audio_spec
 from steptrain.models.forward import lm_logits
-from steptrain.models.loader import audio_code_ids, is_speech_config, load_model, load_tokenizer
+from steptrain.models.loader import audio_code_ids, load_model, load_tokenizer
 from steptrain.objectives import audio_token_mask, gathered_logps, preference_loss, sequence_logps
-from steptrain.recipes.loop import build_model, evaluate_task, split_eval, start_run, train
+from steptrain.recipes.loop import build_model, evaluate_task, start_run, train
+from steptrain.recipes.pairs import load_pairs
 
 log = logging.getLogger("steptrain")
 
@@ -230,29 +227,17 @@ def run(cfg) -> dict:
     try:
         start_run(cfg, engine)
         tokenizer = load_tokenizer(cfg.model)
-        rows, skipped = read_preference_rows(list(cfg.data.train_files), on_error=cfg.data.on_error)
-        if cfg.data.eval_files:
-            train_rows, eval_rows = rows, read_preference_rows(list(cfg.data.eval_files), cfg.data.on_error)[0]
-        else:
-            train_rows, eval_rows = split_eval(cfg, rows)
-        if cfg.data.deaf_negatives:
-            train_rows = train_rows + deaf_negatives(train_rows, cfg.data.deaf_negatives, cfg.trainer.seed)
-        audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
-        features = clip_features if audio else None
-        reply = reply_audio_spec(tokenizer, cfg.model, cfg.data)
+        data = load_pairs(cfg, engine, tokenizer)
         audio_ids = audio_code_ids(tokenizer, cfg.model.audio_codes) if cfg.objective.mask_audio else None
-        data = load_preference_data(train_rows, tokenizer, cfg.data, audio=audio, reply=reply)
-        data.stats["skipped"] = {**skipped, **data.stats["skipped"]}
-        def batches(pairs):
-            if cfg.objective.share_prompt and features is None:
-                return SharedPromptBatches(pairs, tokenizer.pad_token_id)
-            return PairBatches(pairs, tokenizer.pad_token_id, features)
 
-        splits = {"train": batches(data.pairs)}
-        if eval_rows:
-            splits["eval"] = batches(load_preference_data(eval_rows, tokenizer, cfg.data, audio=audio, reply=reply).pairs)
-        if engine.is_main:
-            log.info("preference data: %s", data.stats)
+        def batches(pairs):
+            if cfg.objective.share_prompt and data.features is None:
+                return SharedPromptBatches(pairs, tokenizer.pad_token_id)
+            return PairBatches(pairs, tokenizer.pad_token_id, data.features)
+
+        splits = {"train": batches(data.train.pairs)}
+        if data.eval is not None:
+            splits["eval"] = batches(data.eval.pairs)
         model = build_model(cfg, engine, tokenizer)
         o = cfg.objective
         if o.disable_dropout:

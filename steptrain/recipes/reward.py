@@ -13,13 +13,13 @@ import logging
 
 import torch
 
-from steptrain.data.preference import PairBatches, deaf_negatives, load_preference_data, read_preference_rows
+from steptrain.data.preference import PairBatches, PreferenceData
 from steptrain.engines import build_engine
-from steptrain.inputs import clip_features, reply_audio_spec, speech_audio_spec
-from steptrain.models.loader import is_speech_config, load_tokenizer
+from steptrain.models.loader import load_tokenizer
 from steptrain.models.reward import sequence_scores
 from steptrain.objectives import reward_model_loss
-from steptrain.recipes.loop import build_model, evaluate_task, split_eval, start_run, train
+from steptrain.recipes.loop import build_model, evaluate_task, start_run, train
+from steptrain.recipes.pairs import load_pairs
 
 log = logging.getLogger("steptrain")
 
@@ -71,25 +71,15 @@ def run(cfg) -> dict:
     try:
         start_run(cfg, engine)
         tokenizer = load_tokenizer(cfg.model)
-        rows, skipped = read_preference_rows(list(cfg.data.train_files), on_error=cfg.data.on_error)
-        if cfg.data.eval_files:
-            train_rows, eval_rows = rows, read_preference_rows(list(cfg.data.eval_files), cfg.data.on_error)[0]
-        else:
-            train_rows, eval_rows = split_eval(cfg, rows)
-        if cfg.data.deaf_negatives:
-            train_rows = train_rows + deaf_negatives(train_rows, cfg.data.deaf_negatives, cfg.trainer.seed)
-        audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
-        features = clip_features if audio else None
-        reply = reply_audio_spec(tokenizer, cfg.model, cfg.data)
-        data = load_preference_data(train_rows, tokenizer, cfg.data, audio=audio, reply=reply)
-        data.stats["skipped"] = {**skipped, **data.stats["skipped"]}
-        if engine.is_main:
-            log.info("preference data: %s", data.stats)
-        task = RewardTask(PairBatches(data.pairs, tokenizer.pad_token_id, features, data.margins), engine)
+        data = load_pairs(cfg, engine, tokenizer)
+
+        def task_of(pairs: PreferenceData) -> RewardTask:
+            return RewardTask(PairBatches(pairs.pairs, tokenizer.pad_token_id, data.features, pairs.margins), engine)
+
+        task = task_of(data.train)
         evaluate = dict
-        if eval_rows:
-            held = load_preference_data(eval_rows, tokenizer, cfg.data, audio=audio, reply=reply)
-            eval_task = RewardTask(PairBatches(held.pairs, tokenizer.pad_token_id, features, held.margins), engine)
+        if data.eval is not None:
+            eval_task = task_of(data.eval)
 
             def evaluate() -> dict:
                 return evaluate_task(engine, eval_task, cfg.trainer.batch_size)

@@ -399,7 +399,8 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
     # --- assembly and encoder checkpoints -------------------------------------------------------
     def save_encoder(self, directory: str | os.PathLike) -> None:
         """Save encoder + adapter weights (safetensors) and their config to ``directory``."""
-        save_audio_encoder(directory, self.audio_encoder, self.audio_adapter, self.config.llm_config.hidden_size)
+        hidden = self.config.llm_config.hidden_size
+        save_audio_encoder(directory, self.audio_encoder, self.audio_adapter, hidden)
 
     def load_encoder(self, directory: str | os.PathLike) -> None:
         """Load weights written by :meth:`save_encoder` (sizes must match this model's)."""

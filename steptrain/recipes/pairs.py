@@ -1,0 +1,45 @@
+"""The preference data of a run (DPO, reward models): train and held-out pairs, with a speech model's
+audio glue, read and encoded the same way by every preference recipe."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from steptrain.data.preference import (
+    PreferenceData,
+    deaf_negatives,
+    load_preference_data,
+    read_preference_rows,
+)
+from steptrain.inputs import clip_features, reply_audio_spec, speech_audio_spec
+from steptrain.models.loader import is_speech_config
+from steptrain.recipes.loop import split_eval
+
+log = logging.getLogger("steptrain")
+
+
+@dataclass
+class RunPairs:
+    train: PreferenceData
+    eval: PreferenceData | None
+    features: object  # clip -> log-mel features for a speech model, else None
+
+
+def load_pairs(cfg, engine, tokenizer) -> RunPairs:
+    """data.train_files (+ data.deaf_negatives) and data.eval_files or a data.eval_fraction split."""
+    rows, skipped = read_preference_rows(list(cfg.data.train_files), on_error=cfg.data.on_error)
+    if cfg.data.eval_files:
+        train_rows, eval_rows = rows, read_preference_rows(list(cfg.data.eval_files), cfg.data.on_error)[0]
+    else:
+        train_rows, eval_rows = split_eval(cfg, rows)
+    if cfg.data.deaf_negatives:
+        train_rows = train_rows + deaf_negatives(train_rows, cfg.data.deaf_negatives, cfg.trainer.seed)
+    audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
+    reply = reply_audio_spec(tokenizer, cfg.model, cfg.data)
+    train = load_preference_data(train_rows, tokenizer, cfg.data, audio=audio, reply=reply)
+    train.stats["skipped"] = {**skipped, **train.stats["skipped"]}
+    held = load_preference_data(eval_rows, tokenizer, cfg.data, audio=audio, reply=reply) if eval_rows else None
+    if engine.is_main:
+        log.info("preference data: %s%s", train.stats, f"; held out: {len(held.pairs)} pairs" if held else "")
+    return RunPairs(train, held, clip_features if audio else None)
