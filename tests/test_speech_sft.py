@@ -80,3 +80,22 @@ def test_steptrain_eval_reports_cer_for_checkpoint_and_export(assets, speech, tm
     assert main(["eval", str(tmp_path / "export"), str(speech["asr_eval"]), "--limit", "4", "--max-new-tokens", "8"]) == 0
     from_export = json.loads(capsys.readouterr().out)
     assert from_export["cer"] == pytest.approx(from_ckpt["cer"]) and from_export["loss"] == pytest.approx(from_ckpt["loss"])
+
+
+def test_ctc_pretrained_encoder_starts_a_frozen_encoder_sft(assets, speech, tmp_path):
+    """The asr_demo set-up: data_pipelines.pretrain_audio_encoder writes what model.encoder_path loads."""
+    from safetensors.torch import load_file
+
+    from data_pipelines.pretrain_audio_encoder import main as pretrain
+    from steptrain.models.speech.modeling import ENCODER_WEIGHTS
+
+    enc = tmp_path / "encoder"
+    pretrain([str(speech["asr_train"].parent), str(enc), "--llm-path", str(assets["model"]), "--steps", "2"])
+    out = tmp_path / "run"
+    args = [a for a in speech_args(assets, speech, out) if not a.startswith("model.preset=")]
+    extra = [f"model.llm_path={assets['model']}", f"model.encoder_path={enc}", "model.freeze_encoder=true"]
+    assert main(["train", *args, *extra]) == 0
+    trained, _, _ = rebuild_from_checkpoint(out / "checkpoints" / "step_6")
+    saved = load_file(enc / ENCODER_WEIGHTS)
+    for name, value in trained.audio_encoder.state_dict().items():
+        assert torch.equal(value, saved[f"audio_encoder.{name}"])  # loaded, and frozen in training
