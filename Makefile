@@ -1,11 +1,12 @@
 # The two commands a new user runs (each does all set-up on a fresh machine):
-#   make demo   # venv + install, demo data + tiny model, train, evaluate before/after, export
+#   make demo   # venv + install, synthetic speech corpus + tiny speech LLM, ASR training, CER before/after, export
 #   make test   # venv + install, the full test suite
+# Also: make demo-text (the text quickstart), make bench, make lint.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo_out
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-text test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,7 +18,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# Speech ASR (Step-Audio 2 layout): DTMF spoken digits -> a tiny encoder (CTC pre-trained, then frozen) ->
+# adapter -> a tiny random Qwen2; held-out CER before/after, then an HF export.
 demo: setup
+	$(PY) -m data_pipelines.make_demo --out $(DEMO)/assets
+	$(PY) -m data_pipelines.speech_corpus $(DEMO)/speech --n-train 2000 --n-eval 64
+	$(PY) -m data_pipelines.pretrain_audio_encoder $(DEMO)/speech $(DEMO)/encoder --llm-path $(DEMO)/assets/model
+	$(VENV)/bin/steptrain train experiment=asr_demo \
+		model.llm_path=$(DEMO)/assets/model model.encoder_path=$(DEMO)/encoder \
+		data.train_files=[$(DEMO)/speech/asr_train.jsonl] data.eval_files=[$(DEMO)/speech/asr_eval.jsonl] \
+		output_dir=$(DEMO)/asr_run resume=none
+	$(VENV)/bin/steptrain export $$(ls -d $(DEMO)/asr_run/checkpoints/step_* | sort -V | tail -n 1) $(DEMO)/asr_export
+	$(PY) -m data_pipelines.demo_report $(DEMO)/asr_run $(DEMO)/asr_export
+
+# Text: a tiny Qwen2 learns reverse / sort / copy of digit strings from scratch.
+demo-text: setup
 	$(PY) -m data_pipelines.make_demo --out $(DEMO)/assets
 	$(VENV)/bin/steptrain train experiment=quickstart \
 		model.path=$(DEMO)/assets/model data.train_files=[$(DEMO)/assets/data/train.jsonl] \
