@@ -228,3 +228,29 @@ def test_shared_prompt_and_two_row_training_agree(assets, pref, tmp_path):
     assert sorted(shared) == [1, 2, 3]
     for step in separate:
         assert shared[step] == pytest.approx(separate[step], rel=1e-5)
+
+
+def test_dpo_on_a_speech_model_with_heard_audio_and_deaf_negatives(assets, tmp_path):
+    """Speech prompts (two-row batches with clip features) and deaf negatives: the reply written for another
+    clip is the rejected one, so the preference can only be learned by listening."""
+    from data_pipelines.speech_corpus import write_speech_corpus
+
+    corpus = write_speech_corpus(tmp_path / "speech", n_train=24, n_eval=4, seed=0, bad_rows=False)
+    rows = [json.loads(line) for line in corpus["asr_train"].read_text().splitlines()]
+    pairs = tmp_path / "speech" / "pairs.jsonl"  # audio paths are relative to the JSONL: same folder
+    pairs.write_text("".join(json.dumps({**r, "rejected_response": "0 0 0"}) + "\n" for r in rows))
+    args = ["experiment=dpo", "model.preset=tiny-speech", f"model.tokenizer_path={assets['model']}",
+            f"data.train_files=[{pairs}]", "data.eval_fraction=0.25", "data.deaf_negatives=1.0",
+            f"output_dir={tmp_path / 'run'}", "trainer.max_steps=2", "trainer.batch_size=4", "optim.lr=1e-3",
+            "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false"]
+    cfg = load_config(args)
+    result = dpo.run(cfg)
+    assert result["train"]["pairs"] == 4 and torch.isfinite(torch.tensor(result["train"]["loss"]))
+    assert result["eval"]["eval/pairs"] == 6  # a quarter of 24 rows held out, without deaf negatives
+
+    from steptrain.engines import build_engine
+    from steptrain.recipes.pairs import load_pairs
+
+    data = load_pairs(cfg, build_engine(cfg.engine, cfg.trainer, cfg.optim), load_tokenizer(cfg.model))
+    assert len(data.train.pairs) == 2 * 18 and data.features is not None  # 18 rows + one deaf pair each
+    assert all(chosen.audio and rejected.audio for chosen, rejected in data.train.pairs)
