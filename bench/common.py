@@ -139,3 +139,16 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def replace_readme_block(readme: Path, start: str, end: str, block: str) -> None:
+    """Rewrite the text between the ``start`` and ``end`` marker lines of ``readme`` (warn if absent)."""
+    import sys
+
+    text = readme.read_text()
+    if start not in text or end not in text:
+        print(f"warning: {readme} has no {start} ... {end} block; not updated", file=sys.stderr)
+        return
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{block}\n{end}{tail}")

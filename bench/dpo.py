@@ -49,7 +49,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine_info, markdown_table, peak_matmul_flops, usable_cores, versions
+from common import (
+    ROOT,
+    machine_info,
+    markdown_table,
+    peak_matmul_flops,
+    replace_readme_block,
+    usable_cores,
+    versions,
+)
 
 RESULTS = ROOT / "bench" / "results" / "dpo.json"
 README = ROOT / "bench" / "README.md"
@@ -596,16 +604,6 @@ def readme_block(res: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(res: dict) -> None:
-    text = README.read_text()
-    if README_START not in text or README_END not in text:
-        print(f"warning: {README} has no {README_START} ... {README_END} block; not updated", file=sys.stderr)
-        return
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    README.write_text(f"{head}{README_START}\n{readme_block(res)}\n{README_END}{tail}")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: " + json.dumps(QUICK))
@@ -721,7 +719,7 @@ def main(argv=None) -> int:
     print(readme_block(res))
     print(f"\nresults: {args.out}  (total {res['total_wall_s']:.0f}s)")
     if args.update_readme:
-        update_readme(res)
+        replace_readme_block(README, README_START, README_END, readme_block(res))
     return 1 if failures else 0
 
 
