@@ -190,6 +190,7 @@ def _worker_steptrain(spec: dict) -> dict:
     from safetensors.torch import load_file
 
     import steptrain.recipes.dpo as dpo
+    import steptrain.recipes.pairs as run_pairs
     from steptrain.config import load_config
     from steptrain.logging import MetricsLogger
 
@@ -199,7 +200,7 @@ def _worker_steptrain(spec: dict) -> dict:
     counts, steps, timing, encoded = _Counts(), [], {}, {}
     batch, shared_batch, log, precomputed, load_data = (
         dpo.PairBatches.batch, dpo.SharedPromptBatches.batch, MetricsLogger.log, dpo.precomputed_reference,
-        dpo.load_preference_data)
+        run_pairs.load_preference_data)
     compute = dpo.compute_reference
 
     def counting_batch(self, rows):
@@ -244,7 +245,7 @@ def _worker_steptrain(spec: dict) -> dict:
     MetricsLogger.log = timed_log
     dpo.precomputed_reference = timed_precompute
     dpo.compute_reference = timed_compute
-    dpo.load_preference_data = recording_load
+    run_pairs.load_preference_data = recording_load
     t0 = time.perf_counter()
     dpo.run(cfg)
     run_s = time.perf_counter() - t0
