@@ -100,6 +100,7 @@ def _worker_steptrain(spec: dict) -> dict:
 
     import steptrain.recipes.sft as sft
     from steptrain.config import load_config
+    from steptrain.logging import MetricsLogger
 
     overrides = [
         f"model.path={spec['model_dir']}",
@@ -123,7 +124,7 @@ def _worker_steptrain(spec: dict) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(overrides)
     counts, steps = _Counts(), []
-    collate, log = sft.collate, sft.MetricsLogger.log
+    collate, log = sft.collate, MetricsLogger.log
 
     def counting_collate(rows, examples, **kwargs):
         batch = collate(rows, examples, **kwargs)
@@ -138,7 +139,7 @@ def _worker_steptrain(spec: dict) -> dict:
         return log(self, record)
 
     sft.collate = counting_collate
-    sft.MetricsLogger.log = timed_log
+    MetricsLogger.log = timed_log
     sft.run(cfg)
     return {"steps": steps, "threads": torch.get_num_threads(), "options": overrides,
             "optimizer": "torch.optim.AdamW (steptrain engine default)"}
