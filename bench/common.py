@@ -152,3 +152,70 @@ def replace_readme_block(readme: Path, start: str, end: str, block: str) -> None
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     readme.write_text(f"{head}{start}\n{block}\n{end}{tail}")
+
+
+def repo_on_path() -> None:
+    """`python bench/X.py` puts bench/ on sys.path; the repository root holds steptrain and data_pipelines."""
+    import sys
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+
+
+def fmt(x: float, digits: int = 0) -> str:
+    return f"{x:,.{digits}f}"
+
+
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+              "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+
+
+def run_in_worker(script: str, tag: str, spec: dict, work: Path) -> dict:
+    """Run ``script --worker SPEC`` in a fresh process (one contender, its own threads and imports) and
+    return the result JSON it writes, plus wall time and the load average at start."""
+    import json
+    import sys
+
+    spec_path = work / f"{tag}.spec.json"
+    spec = {**spec, "out_dir": str(work / f"run-{tag}"), "result_path": str(work / f"{tag}.result.json")}
+    spec_path.write_text(json.dumps(spec))
+    log_path = work / f"{tag}.log"
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    t0 = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.run([sys.executable, str(Path(script).resolve()), "--worker", str(spec_path)],
+                              cwd=ROOT, env={**os.environ, **WORKER_ENV}, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"{tag} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
+    result = json.loads(Path(spec["result_path"]).read_text())
+    return {**result, "wall_s": wall, "load_avg_at_start": load}
+
+
+def worker_main(spec_path: str, workers: dict) -> None:
+    """The ``--worker`` side: run ``workers[spec["framework"]](spec)`` with the spec's thread count."""
+    import json
+
+    spec = json.loads(Path(spec_path).read_text())
+    repo_on_path()
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    result = workers[spec["framework"]](spec)
+    result["worker_s"] = time.perf_counter() - t0
+    Path(spec["result_path"]).write_text(json.dumps(result))
+
+
+def write_results(res: dict, out: Path, block: str, readme: Path | None, start: str, end: str) -> None:
+    """Results JSON to ``out``, the Markdown block to stdout and (``readme`` given) into the README."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print()
+    print(block)
+    print(f"\nresults: {out}  (total {res['total_wall_s']:.0f}s)")
+    if readme is not None:
+        replace_readme_block(readme, start, end, block)

@@ -43,7 +43,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,12 +50,16 @@ from pathlib import Path
 
 from common import (
     ROOT,
+    fmt,
     machine_info,
     markdown_table,
     peak_matmul_flops,
-    replace_readme_block,
+    repo_on_path,
+    run_in_worker,
     usable_cores,
     versions,
+    worker_main,
+    write_results,
 )
 
 RESULTS = ROOT / "bench" / "results" / "dpo.json"
@@ -73,18 +76,12 @@ CONTENDERS: dict[str, dict] = {
 }
 
 
-def _repo_on_path() -> None:
-    """`python bench/dpo.py` puts bench/ on sys.path; the repository root holds data_pipelines."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-
-
 # --- data and model ---------------------------------------------------------------------------------------
 
 
 def prepare(work: Path, n_pairs: int, seed: int) -> dict:
     """Demo tokenizer + small-20m model directory, preference pairs in both formats, and facts about them."""
-    _repo_on_path()
+    repo_on_path()
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -125,281 +122,18 @@ def prepare(work: Path, n_pairs: int, seed: int) -> dict:
     }
 
 
-# --- workers (one subprocess per contender) ---------------------------------------------------------------
-
-
-class _Counts:
-    """What one optimizer step fed the model: pairs, real (non-pad) tokens, tensor slots, scored reply tokens."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.pairs = self.tokens = self.slots = self.reply_tokens = 0
-
-    def add(self, pairs: int, tokens: int, slots: int, reply_tokens: int):
-        self.pairs += pairs
-        self.tokens += tokens
-        self.slots += slots
-        self.reply_tokens += reply_tokens
-
-    def pop(self) -> dict:
-        out = {k: getattr(self, k) for k in ("pairs", "tokens", "slots", "reply_tokens")}
-        self.reset()
-        return out
-
-
-def _steptrain_overrides(spec: dict) -> list[str]:
-    order = ["data.shuffle=false"] if spec["order"] == "same" else []  # default: shuffled, group_by_length
-    return [
-        "experiment=dpo",
-        f"model.path={spec['model_dir']}",
-        f"data.train_files=[{spec['data_file']}]",
-        "data.template=jinja",  # the tokenizer's own chat template, as TRL uses it
-        f"data.max_length={spec['max_length']}",
-        *order,
-        f"output_dir={spec['out_dir']}",
-        f"trainer.max_steps={spec['max_steps']}",
-        f"trainer.batch_size={spec['pairs_per_step']}",
-        "trainer.grad_accum=1",
-        "trainer.save_every=0",
-        f"trainer.seed={spec['seed']}",
-        "trainer.precision=fp32",
-        "objective.loss=sigmoid",
-        f"objective.beta={spec['beta']}",
-        "objective.reference=precompute",
-        f"optim.lr={spec['lr']}",
-        "optim.scheduler=cosine",
-        "optim.warmup_ratio=0.0",
-        "optim.warmup_steps=0",
-        "optim.weight_decay=0.0",
-        "optim.max_grad_norm=1.0",
-        "engine.device=cpu",
-        "resume=none",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-        "logging.plot=false",
-        "logging.wandb=disabled",
-    ]
-
-
-def _worker_steptrain(spec: dict) -> dict:
-    import logging
-
-    import torch
-    from safetensors.torch import load_file
-
-    import steptrain.recipes.dpo as dpo
-    import steptrain.recipes.pairs as run_pairs
-    from steptrain.config import load_config
-    from steptrain.logging import MetricsLogger
-
-    overrides = _steptrain_overrides(spec)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(overrides)
-    counts, steps, timing, encoded = _Counts(), [], {}, {}
-    batch, shared_batch, log, precomputed, load_data = (
-        dpo.PairBatches.batch, dpo.SharedPromptBatches.batch, MetricsLogger.log, dpo.precomputed_reference,
-        run_pairs.load_preference_data)
-    compute = dpo.compute_reference
-
-    def counting_batch(self, rows):
-        out = batch(self, rows)
-        counts.add(len(out["pair_ids"]), int(out["attention_mask"].sum()), out["input_ids"].numel(),
-                   int((out["labels"][:, 1:] != -100).sum()))
-        return out
-
-    def counting_shared_batch(self, rows):  # one row per pair: the prompt once, then both replies
-        out = shared_batch(self, rows)
-        replies = sum(int((out[f"{side}_targets"] != -100).sum()) for side in ("chosen", "rejected"))
-        counts.add(len(out["pair_ids"]), sum(self.lengths[i] for i in out["pair_ids"].tolist()),
-                   out["input_ids"].numel(), replies)
-        return out
-
-    def timed_log(self, record):
-        if "loss" in record and "eval/loss" not in record:  # a train step's record
-            steps.append({"t_end": time.perf_counter(), **counts.pop(), "loss": record["loss"]})
-        return log(self, record)
-
-    def timed_precompute(*args, **kwargs):
-        t0 = time.perf_counter()
-        out = precomputed(*args, **kwargs)
-        timing["reference_s"] = time.perf_counter() - t0
-        counts.reset()  # the reference forwards are not training batches
-        return out
-
-    def timed_compute(*args, **kwargs):
-        t0 = time.perf_counter()
-        out = compute(*args, **kwargs)
-        timing["reference_forward_s"] = timing.get("reference_forward_s", 0.0) + time.perf_counter() - t0
-        return out
-
-    def recording_load(*args, **kwargs):
-        data = load_data(*args, **kwargs)
-        encoded["pairs"] = [[c.input_ids, [int(x != -100) for x in c.labels], r.input_ids,
-                             [int(x != -100) for x in r.labels]] for c, r in data.pairs]
-        return data
-
-    dpo.PairBatches.batch = counting_batch
-    dpo.SharedPromptBatches.batch = counting_shared_batch
-    MetricsLogger.log = timed_log
-    dpo.precomputed_reference = timed_precompute
-    dpo.compute_reference = timed_compute
-    run_pairs.load_preference_data = recording_load
-    t0 = time.perf_counter()
-    dpo.run(cfg)
-    run_s = time.perf_counter() - t0
-
-    out = Path(spec["out_dir"])
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train_records = [m for m in metrics if "loss" in m and "eval/loss" not in m]
-    for step, record in zip(steps, train_records, strict=True):  # steptrain's own per-step figures
-        step.update(own_step_time=record["step_time"], own_pairs=record["pairs"], own_tokens=record["tokens"],
-                    reward_accuracy=record.get("rewards/accuracy"), grad_norm=record.get("grad_norm"))
-    ref = load_file(str(out / dpo.CACHE))
-    return {
-        "steps": steps,
-        "reference_s": timing["reference_s"],
-        "reference_forward_s": timing["reference_forward_s"],
-        "run_s": run_s,
-        "reference_logps": {"chosen": ref["train_chosen"].tolist(), "rejected": ref["train_rejected"].tolist()},
-        "encoded": encoded["pairs"],
-        "threads": torch.get_num_threads(),
-        "options": overrides,
-        "optimizer": "torch.optim.AdamW (steptrain engine default)",
-    }
-
-
-def _worker_trl(spec: dict) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    with open(spec["trl_data_file"]) as f:
-        dataset = Dataset.from_list([json.loads(line) for line in f if line.strip()])
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])  # its own Step Jinja chat template
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
-    options = {
-        "max_steps": spec["max_steps"],
-        "per_device_train_batch_size": spec["pairs_per_step"],
-        "gradient_accumulation_steps": 1,
-        "learning_rate": spec["lr"],
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 0,
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "bf16": False,  # TRL's default is on
-        "fp16": False,
-        "activation_checkpointing": False,  # TRL's default is on
-        "use_cpu": True,
-        "seed": spec["seed"],
-        "max_length": spec["max_length"],
-        "loss_type": ["sigmoid"],
-        "beta": spec["beta"],
-        "precompute_ref_log_probs": True,
-        "precompute_ref_batch_size": spec["pairs_per_step"],
-        "train_sampling_strategy": "sequential" if spec["order"] == "same" else "random",
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "report_to": "none",
-        "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-        "dataloader_pin_memory": False,
-    }
-    args = DPOConfig(output_dir=spec["out_dir"], **options)
-    counts, steps, losses, timing = _Counts(), [], {}, {}
-
-    class TimedDPOTrainer(DPOTrainer):
-        def _precompute_ref_logps(self, dataset, name, batch_size):
-            t0 = time.perf_counter()
-            out = super()._precompute_ref_logps(dataset, name, batch_size)
-            timing[f"reference_s_{name}"] = time.perf_counter() - t0
-            return out
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if model.training:
-                counts.add(inputs["input_ids"].shape[0] // 2, int(inputs["attention_mask"].sum()),
-                           inputs["input_ids"].numel(), int(inputs["completion_mask"][:, 1:].sum()))
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-
-    class StepTimer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            steps.append({"t_end": time.perf_counter(), **counts.pop()})
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses[state.global_step] = {"loss": logs["loss"], "reward_accuracy": logs.get("rewards/accuracies"),
-                                             "grad_norm": logs.get("grad_norm")}
-
-    t0 = time.perf_counter()
-    trainer = TimedDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                              callbacks=[StepTimer()])
-    init_s = time.perf_counter() - t0
-    prepared = trainer.train_dataset
-    t0 = time.perf_counter()
-    trainer.train()
-    train_s = time.perf_counter() - t0
-    for i, step in enumerate(steps, 1):
-        step.update(losses.get(i, {"loss": None}))
-    encoded = []
-    for ex in prepared:
-        p, c, r = ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]
-        encoded.append([p + c, [0] * len(p) + [1] * len(c), p + r, [0] * len(p) + [1] * len(r)])
-    return {
-        "steps": steps,
-        "reference_s": timing["reference_s_train"],
-        "init_s": init_s,
-        "run_s": init_s + train_s,
-        "reference_logps": {"chosen": list(prepared["ref_chosen_logps"]),
-                            "rejected": list(prepared["ref_rejected_logps"])},
-        "encoded": encoded,
-        "threads": torch.get_num_threads(),
-        "options": {**options, "attn_implementation": "sdpa", "chat_template": "the tokenizer's (Step, Jinja)"},
-        "optimizer": f"{getattr(args.optim, 'value', args.optim)} (transformers default)",
-        "activation_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
-        "ref_model_in_memory": trainer.ref_model is not None,
-    }
-
-
 def run_worker(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    _repo_on_path()
-    import torch
+    from dpo_workers import worker_steptrain, worker_trl
 
-    torch.set_num_threads(spec["threads"])
-    t0 = time.perf_counter()
-    result = (_worker_steptrain if spec["framework"] == "steptrain" else _worker_trl)(spec)
-    result["worker_s"] = time.perf_counter() - t0
-    Path(spec["result_path"]).write_text(json.dumps(result))
+    worker_main(spec_path, {"steptrain": worker_steptrain, "trl": worker_trl})
 
 
 # --- driver -----------------------------------------------------------------------------------------------
 
 
 def run_contender(name: str, spec: dict, work: Path, round_: int) -> dict:
-    tag = f"{name}-r{round_}"  # a fresh output directory per run: no cached reference log-probs are reused
-    spec_path = work / f"{tag}.spec.json"
-    spec = {**spec, **CONTENDERS[name], "out_dir": str(work / f"run-{tag}"), "result_path": str(work / f"{tag}.result.json")}
-    spec_path.write_text(json.dumps(spec))
-    log_path = work / f"{tag}.log"
-    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
-    t0 = time.perf_counter()
-    with log_path.open("w") as log:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
-                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
-    result = json.loads(Path(spec["result_path"]).read_text())
-    result["wall_s"] = wall
-    result["load_avg_at_start"] = load
-    return result
+    # a fresh output directory per run: no cached reference log-probs are reused
+    return run_in_worker(__file__, f"{name}-r{round_}", {**spec, **CONTENDERS[name]}, work)
 
 
 def summarize_round(name: str, result: dict, warmup: int, model: dict, peak: float) -> dict:
@@ -516,17 +250,13 @@ def data_facts(encoded: list) -> dict:
     }
 
 
-def _fmt(x: float, digits: int = 0) -> str:
-    return f"{x:,.{digits}f}"
-
-
 def tables(res: dict) -> str:
     rows = []
     for c in res["contenders"]:
         rows.append([
-            c["label"], _fmt(c["pairs_per_step"]), _fmt(c["tokens_per_step"]), f"{100 * c['padding_fraction']:.1f}%",
-            _fmt(c["step_time_s"], 2), _fmt(c["pairs_per_s"], 1), _fmt(c["tokens_per_s"]), f"{100 * c['mfu']:.1f}%",
-            f"{_fmt(c['reference_s'], 1)} ({_fmt(c['reference_pairs_per_s'], 1)} pairs/s)",
+            c["label"], fmt(c["pairs_per_step"]), fmt(c["tokens_per_step"]), f"{100 * c['padding_fraction']:.1f}%",
+            fmt(c["step_time_s"], 2), fmt(c["pairs_per_s"], 1), fmt(c["tokens_per_s"]), f"{100 * c['mfu']:.1f}%",
+            f"{fmt(c['reference_s'], 1)} ({fmt(c['reference_pairs_per_s'], 1)} pairs/s)",
             f"{c['loss_first']:.4f} → {c['loss_last']:.4f}" if c["loss_first"] is not None else "n/a",
         ])
     out = [markdown_table(["contender", "pairs/step", "real tokens/step", "padding", "step time (s)", "pairs/s",
@@ -714,13 +444,7 @@ def main(argv=None) -> int:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print()
-    print(readme_block(res))
-    print(f"\nresults: {args.out}  (total {res['total_wall_s']:.0f}s)")
-    if args.update_readme:
-        replace_readme_block(README, README_START, README_END, readme_block(res))
+    write_results(res, args.out, readme_block(res), README if args.update_readme else None, README_START, README_END)
     return 1 if failures else 0
 
 

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,14 +36,17 @@ from pathlib import Path
 
 from common import (
     ROOT,
+    fmt,
     machine_info,
     markdown_table,
     peak_matmul_flops,
-    replace_readme_block,
+    run_in_worker,
     usable_cores,
     versions,
+    worker_main,
+    write_results,
 )
-from sft_data import TRL_CHAT_TEMPLATE, _repo_on_path, prepare
+from sft_data import TRL_CHAT_TEMPLATE, prepare
 
 RESULTS = ROOT / "bench" / "results" / "sft.json"
 README = ROOT / "bench" / "README.md"
@@ -225,15 +226,7 @@ def _worker_trl(spec: dict) -> dict:
 
 
 def run_worker(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    _repo_on_path()
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    t0 = time.perf_counter()
-    result = (_worker_steptrain if spec["framework"] == "steptrain" else _worker_trl)(spec)
-    result["worker_s"] = time.perf_counter() - t0
-    Path(spec["result_path"]).write_text(json.dumps(result))
+    worker_main(spec_path, {"steptrain": _worker_steptrain, "trl": _worker_trl})
 
 
 # --- driver -----------------------------------------------------------------------------------------------
@@ -278,23 +271,7 @@ def summarize(name: str, result: dict, warmup: int, model: dict, peak: float) ->
 
 
 def run_contender(name: str, spec: dict, work: Path) -> dict:
-    spec_path = work / f"{name}.spec.json"
-    spec = {**spec, **CONTENDERS[name], "out_dir": str(work / f"run-{name}"),
-            "result_path": str(work / f"{name}.result.json")}
-    spec_path.write_text(json.dumps(spec))
-    log_path = work / f"{name}.log"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    t0 = time.perf_counter()
-    with log_path.open("w") as log:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
-                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
-    result = json.loads(Path(spec["result_path"]).read_text())
-    result["wall_s"] = wall
+    result = run_in_worker(__file__, name, {**spec, **CONTENDERS[name]}, work)
     result["batch_size"] = spec["batch_size"]
     return result
 
@@ -306,16 +283,12 @@ def batch_sizes(tokens_per_step: int, max_length: int, data: dict) -> dict[bool,
     return {True: packed, False: max(1, round(real_per_step / data["length_tokens"]["mean"]))}
 
 
-def _fmt(x: float, digits: int = 0) -> str:
-    return f"{x:,.{digits}f}"
-
-
 def tables(res: dict) -> str:
     rows = []
     for c in res["contenders"]:
         rows.append([
-            c["label"], c["batch_size"], _fmt(c["tokens_per_step"]), f"{100 * c['padding_fraction']:.1f}%",
-            _fmt(c["step_time_s"], 2), _fmt(c["tokens_per_s"]), f"{100 * c['mfu']:.1f}%",
+            c["label"], c["batch_size"], fmt(c["tokens_per_step"]), f"{100 * c['padding_fraction']:.1f}%",
+            fmt(c["step_time_s"], 2), fmt(c["tokens_per_s"]), f"{100 * c['mfu']:.1f}%",
             f"{c['loss_first']:.3f} → {c['loss_last']:.3f}" if c["loss_first"] is not None else "n/a",
         ])
     out = [markdown_table(["contender", "rows/step", "real tokens/step", "padding", "step time (s)", "tokens/s",
@@ -449,13 +422,7 @@ def main(argv=None) -> int:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print()
-    print(readme_block(res))
-    print(f"\nresults: {args.out}  (total {res['total_wall_s']:.0f}s)")
-    if args.update_readme:
-        replace_readme_block(README, README_START, README_END, readme_block(res))
+    write_results(res, args.out, readme_block(res), README if args.update_readme else None, README_START, README_END)
     return 1 if failures else 0
 
 

@@ -7,11 +7,10 @@ import json
 import math
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from common import ROOT
+from common import repo_on_path
 
 PRESET = "small-20m"
 VOCAB_SIZE = 8000
@@ -29,12 +28,6 @@ TRL_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|BOT|>assistant\\n' -}}{%- endif -%}"
 )
-
-
-def _repo_on_path() -> None:
-    """`python bench/sft.py` puts bench/ on sys.path; the repository root holds data_pipelines."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
 
 
 def _lexicon(rng: random.Random, size: int) -> list[str]:
@@ -164,7 +157,7 @@ def _quantiles(xs: list[int]) -> dict:
 
 def prepare(work: Path, rows_n: int, max_length: int, seed: int) -> dict:
     """Data file, tokenizer + model directory, and the facts about them that the summary needs."""
-    _repo_on_path()
+    repo_on_path()
     import torch
 
     from data_pipelines.demo_tokenizer import train_demo_tokenizer

@@ -8,6 +8,16 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(targets[b, t] | logits[b, t]) per position ``[B, T]`` in float32; 0 where the target is -100.
+
+    ``reduction="none"`` cross-entropy: no float32 log-softmax of the whole vocabulary is kept around.
+    """
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(targets)
+
+
 def lm_loss_sum(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -29,12 +39,7 @@ def lm_loss_sum(
     """
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view_as(shift_labels)
+    nll = token_nll(shift_logits, shift_labels)
     mask = shift_labels != IGNORE_INDEX
     with torch.no_grad():
         hit = (shift_logits.argmax(-1) == shift_labels) & mask

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from steptrain.objectives.lm import IGNORE_INDEX, token_nll
+
 LOSSES = ("sigmoid", "ipo", "cdpo", "robust", "simpo", "orpo")
 _REFERENCE_FREE = ("simpo", "orpo")
 _LENGTH_NORMALISED = ("ipo", "simpo", "orpo")
@@ -37,19 +38,9 @@ def sequence_logps(
     """
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels {tuple(labels.shape)} must match logits[:2] {tuple(logits.shape[:2])}")
-    if token_mask is not None:
-        if token_mask.shape != labels.shape:
-            raise ValueError(f"token_mask {tuple(token_mask.shape)} must match labels {tuple(labels.shape)}")
-        labels = labels.masked_fill(~token_mask.bool(), IGNORE_INDEX)
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view_as(shift_labels)
-    return -nll.sum(-1), (shift_labels != IGNORE_INDEX).sum(-1)
+    if token_mask is not None and token_mask.shape != labels.shape:
+        raise ValueError(f"token_mask {tuple(token_mask.shape)} must match labels {tuple(labels.shape)}")
+    return target_logps(logits[:, :-1], labels[:, 1:], None if token_mask is None else token_mask[:, 1:])
 
 
 def gathered_logps(
@@ -59,13 +50,18 @@ def gathered_logps(
     is scored by ``logits[b, positions[b, j]]``. Used when two replies share one prompt in a row, so
     the prompt's last position predicts the first token of both. ``token_mask`` is aligned with targets.
     """
+    picked = torch.gather(logits, 1, positions[..., None].expand(-1, -1, logits.shape[-1]))
+    return target_logps(picked, targets, token_mask)
+
+
+def target_logps(
+    logits: torch.Tensor, targets: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p(targets[b, j] | logits[b, j]) over j, counted targets) per row; ``token_mask``
+    (aligned with targets) drops targets by turning them into -100: zero value and zero gradient."""
     if token_mask is not None:
         targets = targets.masked_fill(~token_mask.bool(), IGNORE_INDEX)
-    picked = torch.gather(logits, 1, positions[..., None].expand(-1, -1, logits.shape[-1])).float()
-    nll = F.cross_entropy(
-        picked.reshape(-1, picked.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view_as(targets)
-    return -nll.sum(-1), (targets != IGNORE_INDEX).sum(-1)
+    return -token_nll(logits, targets).sum(-1), (targets != IGNORE_INDEX).sum(-1)
 
 
 def audio_token_mask(labels: torch.Tensor, audio_ids: tuple[int, int] | None) -> torch.Tensor | None:

@@ -35,7 +35,7 @@ from steptrain.models.forward import lm_logits
 from steptrain.models.loader import audio_code_ids, load_model, load_tokenizer
 from steptrain.objectives import audio_token_mask, gathered_logps, preference_loss, sequence_logps
 from steptrain.recipes.loop import build_model, evaluate_task, start_run, train
-from steptrain.recipes.pairs import load_pairs
+from steptrain.recipes.pairs import PairTask, load_pairs
 
 log = logging.getLogger("steptrain")
 
@@ -137,21 +137,12 @@ def precomputed_reference(cfg, engine, splits: dict[str, PairBatches], audio_ids
     return tables
 
 
-class DPOTask:
+class DPOTask(PairTask):
     """Pairs -> one forward -> preference loss; stats summed per pair."""
 
     def __init__(self, cfg, batches: PairBatches, engine, audio_ids, reference):
-        self.cfg, self.batches, self.engine, self.audio_ids, self.reference = cfg, batches, engine, audio_ids, reference
-        self.lengths = batches.lengths
-
-    def batch(self, rows):
-        return self.batches.batch(rows)
-
-    def count(self, batch) -> float:
-        return float(len(batch["pair_ids"]))
-
-    def sources(self, rows) -> list[str]:
-        return [self.batches.pairs[i][0].source for row in rows for i in row]
+        super().__init__(batches, engine)
+        self.cfg, self.audio_ids, self.reference = cfg, audio_ids, reference
 
     def loss(self, model, batch):
         o = self.cfg.objective

@@ -43,3 +43,19 @@ def load_pairs(cfg, engine, tokenizer) -> RunPairs:
     if engine.is_main:
         log.info("preference data: %s%s", train.stats, f"; held out: {len(held.pairs)} pairs" if held else "")
     return RunPairs(train, held, clip_features if audio else None)
+
+
+class PairTask:
+    """What the preference recipes' Tasks share: micro-batches of pairs, counted (and averaged) per pair."""
+
+    def __init__(self, batches, engine):
+        self.batches, self.engine, self.lengths = batches, engine, batches.lengths
+
+    def batch(self, rows):
+        return self.batches.batch(rows)
+
+    def count(self, batch) -> float:
+        return float(len(batch["pair_ids"]))
+
+    def sources(self, rows) -> list[str]:
+        return [self.batches.pairs[i][0].source for row in rows for i in row]

@@ -19,25 +19,15 @@ from steptrain.models.loader import load_tokenizer
 from steptrain.models.reward import sequence_scores
 from steptrain.objectives import reward_model_loss
 from steptrain.recipes.loop import build_model, evaluate_task, start_run, train
-from steptrain.recipes.pairs import load_pairs
+from steptrain.recipes.pairs import PairTask, load_pairs
 
 log = logging.getLogger("steptrain")
 
 STATS = ("pairs", "loss", "correct", "chosen_scores", "rejected_scores")
 
 
-class RewardTask:
-    def __init__(self, batches: PairBatches, engine):
-        self.batches, self.engine, self.lengths = batches, engine, batches.lengths
-
-    def batch(self, rows):
-        return self.batches.batch(rows)
-
-    def count(self, batch) -> float:
-        return float(len(batch["pair_ids"]))
-
-    def sources(self, rows) -> list[str]:
-        return [self.batches.pairs[i][0].source for row in rows for i in row]
+class RewardTask(PairTask):
+    """Scores of chosen and rejected in one forward -> Bradley-Terry loss; stats summed per pair."""
 
     def loss(self, model, batch):
         b = len(batch["pair_ids"])
