@@ -95,12 +95,12 @@ class PeftConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "single"  # single | ddp | deepspeed
+    name: str = "single"  # single | ddp | deepspeed | megatron
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     device: str = "auto"  # auto | cpu | cuda
     find_unused_parameters: bool = False
     # --- deepspeed only (engine=deepspeed) ---
-    zero_stage: int = 3  # 1 | 2 | 3
+    zero_stage: int = 3  # 1 | 2 | 3 (0: no ZeRO, what engine=megatron sets)
     offload_optimizer: str = "none"  # none | cpu: optimizer states (and the update) in host memory
     offload_param: str = "none"  # none | cpu: ZeRO-3 parameter partitions in host memory
     # Build pretrained models already partitioned (zero.Init), so a model larger than one rank fits.
@@ -108,10 +108,17 @@ class EngineConfig:
     # DeepSpeed's C++ Adam (needed to train fast with an offloaded optimizer; compiles on first use).
     # false: torch.optim.AdamW, nothing compiles.
     ds_cpu_adam: bool = False
-    # Also write the gathered trainable weights (model.safetensors) at every checkpoint. Cheap for LoRA;
-    # for full fine-tuning of a large model set false: export then consolidates the ZeRO shards.
+    # Also write the gathered trainable weights (model.safetensors) at every checkpoint (deepspeed and
+    # megatron). Cheap for LoRA; for full fine-tuning of a large DeepSpeed model set false: export then
+    # consolidates the ZeRO shards.
     consolidate_on_save: bool = True
     config_file: str | None = None  # a DeepSpeed JSON to start from; checked against steptrain's settings
+    # --- megatron only (engine=megatron); world size = data x pipeline_parallel x tensor_parallel ---
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int = 1  # model chunks per pipeline rank (> 1: the interleaved 1F1B schedule)
+    # Run megatron-core on a machine without CUDA (gloo, a small shim; for tests and debugging only).
+    megatron_cpu: bool = False
 
 
 @dataclass
@@ -184,8 +191,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.truncation": ("right", "left", "drop"),
     "data.on_error": ("error", "skip"),
     "peft.method": ("none", "lora"),
-    "engine.name": ("single", "ddp", "deepspeed"),
-    "engine.zero_stage": (1, 2, 3),
+    "engine.name": ("single", "ddp", "deepspeed", "megatron"),
+    "engine.zero_stage": (0, 1, 2, 3),
     "engine.offload_optimizer": ("none", "cpu"),
     "engine.offload_param": ("none", "cpu"),
     "engine.backend": ("auto", "gloo", "nccl"),

@@ -138,10 +138,15 @@ def validate(cfg: DictConfig) -> None:
     if t.precision == "fp16" and e.device == "cpu":
         fail("trainer.precision=fp16 is not supported on CPU (use bf16 or fp32)")
     if e.name == "deepspeed":
+        if e.zero_stage == 0:
+            fail("engine=deepspeed needs engine.zero_stage=1|2|3")
         if e.offload_param != "none" and e.zero_stage != 3:
             fail(f"engine.offload_param={e.offload_param} needs engine.zero_stage=3 (got {e.zero_stage})")
         if e.config_file and not Path(e.config_file).is_file():
             fail(f"engine.config_file={e.config_file!r} does not exist")
+
+    if e.name == "megatron":
+        _check_megatron(cfg, fail)
 
     r = cfg.resume
     if r not in ("auto", "none") and not Path(r).is_dir():
@@ -149,3 +154,58 @@ def validate(cfg: DictConfig) -> None:
 
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _llm_shape(cfg: DictConfig) -> dict | None:
+    """Layer / head counts of the configured LLM (preset or config.json), None when not readable here."""
+    import json
+
+    from steptrain.models.presets import PRESETS
+
+    if cfg.model.preset:
+        return PRESETS.get(cfg.model.preset)
+    path = Path(cfg.model.path or cfg.model.llm_path or "") / "config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _check_megatron(cfg: DictConfig, fail) -> None:
+    """Layouts megatron-core cannot build, and settings the Megatron engine does not take."""
+    e, o = cfg.engine, cfg.objective
+    tp, pp, vpp = e.tensor_parallel, e.pipeline_parallel, e.virtual_pipeline
+    for key, value in (("tensor_parallel", tp), ("pipeline_parallel", pp), ("virtual_pipeline", vpp)):
+        if value < 1:
+            fail(f"engine.{key}={value} must be >= 1")
+    if e.zero_stage or e.offload_optimizer != "none" or e.offload_param != "none":
+        fail(f"engine=megatron cannot be combined with DeepSpeed ZeRO (engine.zero_stage={e.zero_stage}, "
+             f"offload_optimizer={e.offload_optimizer}, offload_param={e.offload_param}): Megatron shards with "
+             "engine.tensor_parallel / pipeline_parallel; use engine=deepspeed for ZeRO-3")
+    if vpp > 1 and pp < 2:
+        fail(f"engine.virtual_pipeline={vpp} needs engine.pipeline_parallel >= 2 (got {pp})")
+    if vpp > 1 and cfg.trainer.grad_accum % pp:
+        fail(f"engine.virtual_pipeline={vpp}: trainer.grad_accum={cfg.trainer.grad_accum} (micro-batches per step) "
+             f"must be a multiple of engine.pipeline_parallel={pp}")
+    shape = _llm_shape(cfg)
+    if shape and tp >= 1 and pp >= 1 and vpp >= 1:
+        heads, groups = shape["num_attention_heads"], shape.get("num_key_value_heads") or shape["num_attention_heads"]
+        layers = shape["num_hidden_layers"]
+        if heads % tp or groups % tp:
+            fail(f"engine.tensor_parallel={tp} must divide the model's attention heads ({heads}) and KV groups "
+                 f"(num_key_value_heads={groups})")
+        if pp * vpp > layers:
+            fail(f"engine.pipeline_parallel={pp} x virtual_pipeline={vpp} exceeds the model's {layers} layers")
+        elif layers % (pp * vpp):
+            fail(f"the model's {layers} layers do not split evenly over engine.pipeline_parallel={pp} "
+                 f"x virtual_pipeline={vpp}")
+    if cfg.recipe.name not in ("sft", "dpo"):
+        fail(f"engine=megatron runs recipe=sft|dpo (not {cfg.recipe.name})")
+    if cfg.model.llm_path or cfg.model.encoder_path:
+        fail("engine=megatron trains text LLMs (model.path / model.preset); speech models: use deepspeed for now")
+    if cfg.recipe.name == "dpo" and o.reference in ("adapter_off", "model") and o.loss not in ("simpo", "orpo"):
+        fail(f"objective.reference={o.reference} is not supported on engine=megatron; use reference=precompute")
+    if cfg.trainer.generate_eval:
+        fail("trainer.generate_eval is not supported on engine=megatron (set 0; export and evaluate with "
+             "`steptrain eval`)")
+    if cfg.trainer.precision == "fp16":
+        fail("engine=megatron trains in fp32 or bf16 (trainer.precision)")

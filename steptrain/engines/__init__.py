@@ -1,10 +1,10 @@
-"""Engines: single | ddp | deepspeed (later megatron) behind one interface (see base.py)."""
+"""Engines: single | ddp | deepspeed | megatron behind one interface (see base.py)."""
 
 from __future__ import annotations
 
 from steptrain.engines.base import Engine
 
-ENGINES = ("single", "ddp", "deepspeed")
+ENGINES = ("single", "ddp", "deepspeed", "megatron")
 
 
 def build_engine(engine_cfg, trainer_cfg, optim_cfg) -> Engine:
@@ -20,6 +20,10 @@ def build_engine(engine_cfg, trainer_cfg, optim_cfg) -> Engine:
         from steptrain.engines.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(engine_cfg, trainer_cfg, optim_cfg)
+    if engine_cfg.name == "megatron":
+        from steptrain.engines.megatron_engine import MegatronEngine
+
+        return MegatronEngine(engine_cfg, trainer_cfg, optim_cfg)
     raise ValueError(f"engine.name={engine_cfg.name!r} is not one of: {', '.join(ENGINES)}")
 
 

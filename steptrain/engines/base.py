@@ -1,13 +1,18 @@
 """The engine interface: how a model is placed, stepped, saved and reduced across ranks.
 
 A recipe talks only to this interface, so the same loop runs on one process, DDP, DeepSpeed or
-Megatron. Per optimizer step a recipe does:
+Megatron. A recipe's task says how the model is called on a micro-batch (``forward``, by default
+``lm_logits``) and how its output is scored (``score(output, batch) -> (summed loss, stats)``); the
+engine runs them. Per optimizer step:
 
-    for i, micro in enumerate(micro_batches):
-        with engine.accumulate(last=i == len(micro_batches) - 1), engine.autocast():
-            loss = ...                      # already divided by the step's global token count
-            engine.backward(loss)
+    stats = engine.forward_backward(micro_batches, score, scale=1 / n_global)
     grad_norm = engine.step()               # clip, optimizer, scheduler, zero_grad
+
+The default ``forward_backward`` is the plain loop (accumulate, autocast, forward, score, backward per
+micro-batch); a pipeline-parallel engine runs the micro-batches through its schedule instead, calling
+``score`` on the last stage only. Data is sharded over ``data_rank``/``data_world`` (the data-parallel
+coordinates; model-parallel ranks of one replica see the same batches) and per-step sums are reduced
+with ``data_all_reduce``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
+
+from steptrain.models.forward import lm_logits
 
 
 class Engine(ABC):
@@ -45,6 +52,20 @@ class Engine(ABC):
     @property
     @abstractmethod
     def device(self) -> torch.device: ...
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's data-parallel index: which share of the data it trains on."""
+        return self.rank
+
+    @property
+    def data_world(self) -> int:
+        """Number of data-parallel replicas (ranks that see different data)."""
+        return self.world_size
+
+    def data_all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce a per-replica quantity (counts, stats) over the data-parallel replicas, in place."""
+        return self.all_reduce(tensor, op)
 
     def barrier(self) -> None:  # noqa: B027 - a no-op is the right default for one process
         """Wait for every rank (no-op on one process)."""
@@ -97,6 +118,35 @@ class Engine(ABC):
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...
+
+    def forward_backward(self, batches: list[dict], score, scale: float, forward=lm_logits) -> torch.Tensor:
+        """Forward, score and backward every micro-batch of a step (gradients of ``loss_sum * scale``);
+        returns the summed stats vectors."""
+        totals = None
+        for i, batch in enumerate(batches):
+            with self.accumulate(last=i == len(batches) - 1):
+                with self.autocast():
+                    output = forward(self.model, batch)
+                loss_sum, stats = score(output, batch)
+                self.backward(loss_sum * scale)
+            totals = stats if totals is None else totals + stats
+        return totals
+
+    @torch.no_grad()
+    def forward_only(self, batches: list[dict], score, forward=lm_logits) -> list:
+        """``score(output, batch)`` of every batch in eval mode without gradients, on every rank."""
+        model = self.module
+        was_training = model.training
+        model.eval()
+        try:
+            out = []
+            for batch in batches:
+                with self.autocast():
+                    output = forward(model, batch)
+                out.append(score(output, batch))
+            return out
+        finally:
+            model.train(was_training)
 
     @abstractmethod
     def step(self) -> float:

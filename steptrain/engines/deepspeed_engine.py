@@ -23,7 +23,6 @@ import contextlib
 import datetime
 import logging
 import os
-import socket
 import sys
 import warnings
 from pathlib import Path
@@ -35,19 +34,13 @@ from safetensors.torch import save_file
 from steptrain.engines.base import Engine
 from steptrain.engines.deepspeed_config import deepspeed_config
 from steptrain.engines.optim import build_optimizer, build_scheduler, optimizer_groups
-from steptrain.engines.process_group import ProcessGroupCollectives
+from steptrain.engines.process_group import ProcessGroupCollectives, one_process_env
 from steptrain.engines.single import resolve_device
 from steptrain.engines.torch_engine import SCHEDULER, WEIGHTS
 
 log = logging.getLogger(__name__)
 
 TAG = "deepspeed"  # sub-directory of a steptrain checkpoint holding DeepSpeed's files
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _import_deepspeed(on_gpu: bool):
@@ -69,9 +62,7 @@ class DeepSpeedEngine(ProcessGroupCollectives, Engine):
 
     def __init__(self, engine_cfg, trainer_cfg, optim_cfg):
         super().__init__(engine_cfg, trainer_cfg)
-        if "RANK" not in os.environ:  # no launcher: one process
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        one_process_env()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self._device = resolve_device(engine_cfg.device, self.local_rank)
         on_gpu = self._device.type == "cuda"

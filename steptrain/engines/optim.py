@@ -20,9 +20,15 @@ def param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
     The multiplier is the first ``optim.lr_mult`` regex that matches the parameter name (``re.search``);
     biases, norms and 1-D tensors get no weight decay.
     """
+    return named_param_groups(model.named_parameters(), optim_cfg)
+
+
+def named_param_groups(named, optim_cfg) -> list[dict]:
+    """``param_groups`` of (name, parameter) pairs (an engine whose modules are named otherwise passes
+    the HF-style names the patterns are written for)."""
     patterns = [(re.compile(k), float(v)) for k, v in optim_cfg.lr_mult.items()]
     groups: dict[tuple[float, float], dict] = {}
-    for name, p in model.named_parameters():
+    for name, p in named:
         if not p.requires_grad:
             continue
         mult = next((m for rx, m in patterns if rx.search(name)), 1.0)

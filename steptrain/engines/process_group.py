@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 import torch
 import torch.distributed as dist
 
@@ -21,3 +24,14 @@ class ProcessGroupCollectives:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def one_process_env() -> None:
+    """Without a launcher (no RANK in the environment), describe a one-process job to torch.distributed."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))

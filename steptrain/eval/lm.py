@@ -8,22 +8,21 @@ from steptrain.data import AudioSpec, Segment, collate, plan_epoch, row_messages
 from steptrain.data.audio_spans import audio_paths, clip_tokens
 from steptrain.data.encode import tokenize_with_audio
 from steptrain.eval.asr import error_rates
-from steptrain.models.forward import lm_logits
 from steptrain.objectives import lm_loss_sum, stats_vector, summarize_stats
 from steptrain.rollout import generate_greedy
 
 
 def rank_share(engine, items: list, pad: bool | None = None) -> tuple[list, int]:
-    """This rank's items (every world_size-th) and how many of them count.
+    """This replica's items (every data_world-th) and how many of them count.
 
     On a lockstep engine (ZeRO-3, model parallel) every rank must run the same number of forwards, so
     a short share is padded with copies of the first item, which are run but not counted (``pad=True``
     does the same on any engine).
     """
-    mine = items[engine.rank :: engine.world_size]
+    mine = items[engine.data_rank :: engine.data_world]
     if not (engine.lockstep if pad is None else pad) or not items:
         return mine, len(mine)
-    rounds = -(-len(items) // engine.world_size)
+    rounds = -(-len(items) // engine.data_world)
     return mine + [items[0]] * (rounds - len(mine)), len(mine)
 
 
@@ -33,26 +32,20 @@ def evaluate_loss(
     audio_ids: tuple[int, int] | None = None,
 ) -> dict:
     """Token-mean loss and next-token accuracy over ``examples``, sharded over ranks and reduced."""
-    model = engine.module
-    was_training = model.training
-    model.eval()
     plan = plan_epoch(
         [len(e.input_ids) for e in examples], batch_size=batch_size, max_length=max_length,
         packing=False, group_by_length=True, shuffle=True, seed=0, epoch=0,  # order is irrelevant to a sum
     )
     if max_batches:
         plan = plan[:max_batches]
-    totals = stats_vector({})
     mine, counted = rank_share(engine, plan)
-    for i, rows in enumerate(mine):
-        batch = {k: v.to(engine.device) for k, v in collate(rows, examples, pad_id=pad_id, packing=False, audio_features=audio_features).items() if v is not None}
-        with engine.autocast():
-            logits = lm_logits(model, batch)
-        if i < counted:
-            _, m = lm_loss_sum(logits, batch["labels"], audio_ids)
-            totals += stats_vector(m)
-    model.train(was_training)
-    engine.all_reduce(totals)
+    batches = [
+        {k: v.to(engine.device) for k, v in collate(rows, examples, pad_id=pad_id, packing=False, audio_features=audio_features).items() if v is not None}
+        for rows in mine
+    ]
+    results = engine.forward_only(batches, lambda logits, batch: stats_vector(lm_loss_sum(logits, batch["labels"], audio_ids)[1]))
+    totals = sum(results[:counted], stats_vector({}))
+    engine.data_all_reduce(totals)
     return summarize_stats(totals, prefix="eval/")
 
 

@@ -49,6 +49,11 @@ def reply_logps(model, batch, engine, audio_ids) -> tuple[torch.Tensor, torch.Te
     optionally without audio tokens; for two-row (PairBatches) and shared-prompt batches alike."""
     with engine.autocast():
         logits = lm_logits(model, batch)
+    return logits_reply_logps(logits, batch, audio_ids)
+
+
+def logits_reply_logps(logits, batch, audio_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reply_logps`` from the logits of the batch."""
     if "chosen_positions" not in batch:
         return sequence_logps(logits, batch["labels"], audio_token_mask(batch["labels"], audio_ids))
     sides = [
@@ -76,18 +81,12 @@ def compute_reference(engine, batches: PairBatches, batch_size: int, audio_ids) 
     out = torch.zeros(2, n, dtype=torch.float64)
     chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     mine, counted = rank_share(engine, chunks)
-    model = engine.module
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for k, chunk in enumerate(mine):
-            batch = {key: v.to(engine.device) for key, v in batches.batch([[i] for i in chunk]).items() if v is not None}
-            logps, _ = reply_logps(model, batch, engine, audio_ids)
-            if k < counted:
-                out[0, chunk] = logps[: len(chunk)].double().cpu()
-                out[1, chunk] = logps[len(chunk) :].double().cpu()
-    model.train(was_training)
-    engine.all_reduce(out)  # every pair was filled by exactly one rank
+    inputs = [{key: v.to(engine.device) for key, v in batches.batch([[i] for i in c]).items() if v is not None} for c in mine]
+    results = engine.forward_only(inputs, lambda logits, batch: logits_reply_logps(logits, batch, audio_ids)[0])
+    for chunk, logps in zip(mine[:counted], results[:counted], strict=True):
+        out[0, chunk] = logps[: len(chunk)].double().cpu()
+        out[1, chunk] = logps[len(chunk) :].double().cpu()
+    engine.data_all_reduce(out)  # every pair was filled by exactly one replica
     return out[0].float(), out[1].float()
 
 
@@ -144,10 +143,12 @@ class DPOTask(PairTask):
         super().__init__(batches, engine)
         self.cfg, self.audio_ids, self.reference = cfg, audio_ids, reference
 
-    def loss(self, model, batch):
+    forward = staticmethod(lm_logits)
+
+    def score(self, logits, batch):
         o = self.cfg.objective
         b = len(batch["pair_ids"])
-        logps, counts = reply_logps(model, batch, self.engine, self.audio_ids)
+        logps, counts = logits_reply_logps(logits, batch, self.audio_ids)
         ref = self.reference(batch) if self.reference is not None else (None, None)
         chosen_n, rejected_n = counts[:b], counts[b:]
         pc, pr, rc, rr = logps[:b], logps[b:], *ref

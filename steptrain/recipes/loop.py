@@ -2,9 +2,10 @@
 
 A recipe supplies a :class:`Task` (how rows become batches and a summed loss) and runs :func:`train`.
 Per optimizer step:
-  1. take the step's micro-batches from the epoch plan (this rank's share: every world_size-th one);
-  2. count the step's loss units over all ranks, N (label tokens for SFT, pairs for DPO);
-  3. for each micro-batch: loss = its summed loss / N, backward (gradients sync on the last one);
+  1. take the step's micro-batches from the epoch plan (this replica's share: every data_world-th one);
+  2. count the step's loss units over all replicas, N (label tokens for SFT, pairs for DPO);
+  3. engine.forward_backward: for each micro-batch, loss = its summed loss / N, backward (gradients
+     sync on the last one; a pipeline engine interleaves the micro-batches over its stages);
   4. clip, step, schedule; log; checkpoint; evaluate.
 Dividing by the step's global count makes the update independent of how the units were split into
 micro-batches, ranks, padding or packing. The data position is (epoch, micro-batch cursor) into a
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -47,9 +49,15 @@ class TrainingError(RuntimeError):
 
 
 class Task(Protocol):
-    """What a recipe trains on. ``lengths`` are per example (the epoch plan batches by them)."""
+    """What a recipe trains on. ``lengths`` are per example (the epoch plan batches by them).
+
+    The engine calls ``forward(model, batch)`` (``lm_logits`` unless the task sets another) and then
+    ``score(output, batch)``; splitting the two lets a pipeline-parallel engine run the forward through
+    its schedule and score on the last stage.
+    """
 
     lengths: list[int]
+    forward: Callable  # (model, batch) -> output (logits)
 
     def batch(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """Collate one micro-batch (a list of rows; a row lists example indices, several when packed)."""
@@ -57,8 +65,8 @@ class Task(Protocol):
     def count(self, batch: dict[str, torch.Tensor]) -> float:
         """This micro-batch's loss units (the step's loss is the sum over units / the global count)."""
 
-    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed loss, stats vector to sum over micro-batches and ranks) under the engine's autocast."""
+    def score(self, output, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, stats vector to sum over micro-batches and ranks) of the model's output."""
 
     def summarize(self, totals: torch.Tensor, prefix: str = "") -> dict:
         """Step metrics (must include "loss") from the summed stats vector, keys prefixed."""
@@ -76,18 +84,10 @@ def evaluate_task(engine, task: Task, batch_size: int) -> dict:
     n = len(task.lengths)
     chunks = [[[i] for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
     mine, counted = rank_share(engine, chunks, pad=True)
-    model = engine.module
-    was_training = model.training
-    model.eval()
-    totals = None
-    with torch.no_grad():
-        for k, rows in enumerate(mine):
-            batch = {key: v.to(engine.device) for key, v in task.batch(rows).items() if v is not None}
-            _, stats = task.loss(model, batch)
-            stats = stats if k < counted else torch.zeros_like(stats)
-            totals = stats if totals is None else totals + stats
-    model.train(was_training)
-    engine.all_reduce(totals)
+    batches = [{key: v.to(engine.device) for key, v in task.batch(rows).items() if v is not None} for rows in mine]
+    results = engine.forward_only(batches, task.score, task.forward)
+    totals = sum((stats for _, stats in results[:counted]), torch.zeros_like(results[0][1]))
+    engine.data_all_reduce(totals)
     return task.summarize(totals, prefix="eval/")
 
 
@@ -160,7 +160,7 @@ def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False, on
     weights: the place for work that needs the initial model (e.g. reference log-probs).
     """
     out = Path(cfg.output_dir)
-    per_step = cfg.trainer.grad_accum * engine.world_size
+    per_step = cfg.trainer.grad_accum * engine.data_world
     plans = EpochPlans(cfg, task.lengths, per_step, packing)
     if plans.steps_in(0) == 0:
         raise ConfigError(
@@ -174,13 +174,13 @@ def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False, on
     model.train()
     seed_everything(cfg.trainer.seed + engine.rank)  # same init everywhere, independent dropout per rank
 
-    state = {"step": 0, "epoch": 0, "cursor": 0, "tokens_seen": 0, "world_size": engine.world_size}
+    state = {"step": 0, "epoch": 0, "cursor": 0, "tokens_seen": 0, "world_size": engine.data_world}
     ckpt = resolve_resume(cfg.resume, out)
     if ckpt is not None:
         state = load_checkpoint(engine, ckpt)
-        if state["world_size"] != engine.world_size and engine.is_main:
-            log.warning("resuming at world size %d from %d: data order continues, bit-exactness does not",
-                        engine.world_size, state["world_size"])
+        if state["world_size"] != engine.data_world and engine.is_main:
+            log.warning("resuming with %d data-parallel replicas from %d: data order continues, bit-exactness does not",
+                        engine.data_world, state["world_size"])
         if engine.is_main:
             log.info("resumed from %s at step %d", ckpt, state["step"])
 
@@ -209,20 +209,15 @@ def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False, on
                 continue
             t0 = time.perf_counter()
             plan = plans.plan(state["epoch"])
-            mine = [plan[state["cursor"] + j * engine.world_size + engine.rank] for j in range(cfg.trainer.grad_accum)]
+            mine = [plan[state["cursor"] + j * engine.data_world + engine.data_rank] for j in range(cfg.trainer.grad_accum)]
             batches = [task.batch(rows) for rows in mine]
-            n_global = engine.all_reduce(torch.tensor([sum(task.count(b) for b in batches)], dtype=torch.float64))
+            n_global = engine.data_all_reduce(torch.tensor([sum(task.count(b) for b in batches)], dtype=torch.float64))
             n_global = float(n_global[0])
-            totals, real_tokens = None, 0
-            for i, (rows, batch) in enumerate(zip(mine, batches, strict=True)):
-                batch = {k: v.to(engine.device) for k, v in batch.items() if v is not None}
-                with engine.accumulate(last=i == len(batches) - 1):
-                    loss_sum, stats = task.loss(model, batch)
-                    engine.backward(loss_sum / n_global)
-                totals = stats if totals is None else totals + stats
-                real_tokens += sum(task.lengths[j] for row in rows for j in row)  # not padding
-            engine.all_reduce(totals)
-            real_tokens = int(engine.all_reduce(torch.tensor([float(real_tokens)]))[0].item())
+            batches = [{k: v.to(engine.device) for k, v in b.items() if v is not None} for b in batches]
+            totals = engine.forward_backward(batches, task.score, 1.0 / n_global, task.forward)
+            engine.data_all_reduce(totals)
+            real_tokens = sum(task.lengths[j] for rows in mine for row in rows for j in row)  # not padding
+            real_tokens = int(engine.data_all_reduce(torch.tensor([float(real_tokens)]))[0].item())
             step_metrics = task.summarize(totals)
             loss = step_metrics["loss"]
             if not math.isfinite(loss):

@@ -29,10 +29,10 @@ STATS = ("pairs", "loss", "correct", "chosen_scores", "rejected_scores")
 class RewardTask(PairTask):
     """Scores of chosen and rejected in one forward -> Bradley-Terry loss; stats summed per pair."""
 
-    def loss(self, model, batch):
+    forward = staticmethod(sequence_scores)
+
+    def score(self, scores, batch):
         b = len(batch["pair_ids"])
-        with self.engine.autocast():
-            scores = sequence_scores(model, batch)
         chosen, rejected = scores[:b], scores[b:]
         losses = reward_model_loss(chosen, rejected, batch["margin"].to(scores.dtype))
         stats = torch.stack([

@@ -38,9 +38,9 @@ class SFTTask:
     def count(self, batch) -> float:
         return float((batch["labels"][:, 1:] != -100).sum())
 
-    def loss(self, model, batch):
-        with self.engine.autocast():
-            logits = lm_logits(model, batch)
+    forward = staticmethod(lm_logits)
+
+    def score(self, logits, batch):
         loss_sum, m = lm_loss_sum(logits, batch["labels"], self.audio_ids, self.cfg.objective.audio_loss_weight)
         return loss_sum, stats_vector(m)
 
