@@ -201,7 +201,8 @@ class MegatronEngine(ProcessGroupCollectives, Engine):
         with shim.on_cpu():
             chunks = self._build_chunks(hf.config)
         tp_rank = self.ps.get_tensor_model_parallel_rank()
-        full = bridge.to_megatron({k: v.detach() for k, v in hf.state_dict().items()}, hf.config, self.vocab)
+        base = {k.replace(".base_layer.", "."): v.detach() for k, v in hf.state_dict().items() if ".lora_" not in k}
+        full = bridge.to_megatron(base, hf.config, self.vocab)
         if peft_cfg is not None:
             if getattr(peft_cfg, "trainable_token_indices", None) or peft_cfg.modules_to_save:
                 raise ConfigError("engine=megatron LoRA trains the linear projections only: set "

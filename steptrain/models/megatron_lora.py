@@ -96,7 +96,7 @@ class ParallelLoRA(torch.nn.Module):
 
 def wrap_layer(layer, cfg, targets: set[str], r: int, alpha: float, dropout: float, tp_size: int) -> None:
     """Put LoRA parts on the targeted projections (HF names: q k v o gate up down) of one layer."""
-    heads, groups, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.kv_channels
+    heads, groups, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
     sizes = {"q": heads * d, "k": groups * d, "v": groups * d, "gate": cfg.ffn_hidden_size,
              "up": cfg.ffn_hidden_size, "o": cfg.hidden_size, "down": cfg.hidden_size}
     inputs = {"linear_qkv": cfg.hidden_size, "linear_fc1": cfg.hidden_size, "linear_proj": heads * d,
