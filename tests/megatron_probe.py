@@ -1,6 +1,6 @@
 """Run under torchrun: the Megatron engine's logits on fixed eval batches, to compare with an HF model.
 
-    python -m torch.distributed.run ... tests/megatron_probe.py OUT.pt [--ckpt CKPT] -- steptrain overrides...
+    python -m torch.distributed.run ... tests/megatron_probe.py OUT.pt [--ckpt CKPT] steptrain overrides...
 
 Builds the model exactly as ``steptrain train`` does (config -> engine -> build_model -> prepare), loads a
 checkpoint through the engine when ``--ckpt`` is given (any TP/PP layout), and writes the batches (one
@@ -19,8 +19,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--ckpt")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args, overrides = parser.parse_known_args()
 
     from steptrain.config import load_config, load_saved_config
     from steptrain.data import collate, load_sft_data, read_rows
@@ -33,9 +32,9 @@ def main() -> None:
         from omegaconf import OmegaConf
 
         cfg = load_saved_config(f"{args.ckpt}/config.yaml")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     else:
-        cfg = load_config(args.overrides)
+        cfg = load_config(overrides)
     engine = build_engine(cfg.engine, cfg.trainer, cfg.optim)
     tokenizer = load_tokenizer(cfg.model)
     rows, _ = read_rows(list(cfg.data.eval_files))
