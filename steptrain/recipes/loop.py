@@ -235,6 +235,7 @@ def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False, on
             state["tokens_seen"] += real_tokens
             dt = time.perf_counter() - t0
             mem_now, mem_peak = engine.all_reduce(torch.tensor(engine.memory_gb()), op="max").tolist()
+            mem_peak_min = float(engine.all_reduce(torch.tensor([engine.memory_gb()[1]]), op="min")[0])
             last_train = {
                 "step": state["step"],
                 "epoch": state["epoch"],
@@ -246,6 +247,7 @@ def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False, on
                 "step_time": dt,
                 "mem_gb": mem_now,  # the largest rank's, after the step
                 "peak_mem_gb": mem_peak,  # the largest rank's peak so far
+                "peak_mem_gb_min": mem_peak_min,  # the smallest rank's (ranks differ under pipeline parallelism)
             }
             logger.log(last_train)
             if cfg.trainer.eval_every and state["step"] % cfg.trainer.eval_every == 0:
