@@ -51,8 +51,10 @@ def run(name: str, model_dir: Path, train: Path, out: Path, steps: int, grad_acc
     env = {**os.environ, "OMP_NUM_THREADS": threads, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     launcher = [sys.executable] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
-    subprocess.run([*launcher, "-m", "steptrain", "train", *args], cwd=ROOT, env=env, check=True,
-                   capture_output=True, text=True)
+    proc = subprocess.run([*launcher, "-m", "steptrain", "train", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
 
 
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--readme", action="store_true", help="also rewrite the table in bench/README.md")
     args = ap.parse_args(argv)
     steps = args.steps or (3 if args.quick else 8)
-    hidden, layers = (256, 4) if args.quick else (512, 8)
+    hidden, layers = (256, 4) if args.quick else (768, 8)  # TP=2 must divide heads, KV groups and the MLP width
     grad_accum = 4
 
     from data_pipelines.make_demo import make_demo

@@ -119,6 +119,12 @@ def test_layouts_megatron_cannot_build_fail_before_launch(assets, tmp_path):
     with pytest.raises(ConfigError, match=r"engine=megatron runs recipe=sft\|dpo \(not reward\)"):
         load_config([*base, "experiment=reward_model"])
     load_config([*base, "engine.tensor_parallel=2", "engine.pipeline_parallel=2"])  # a valid layout passes
+    odd = tmp_path / "odd"
+    _model(odd, assets["model"], tied=False)
+    cfg = (odd / "config.json").read_text().replace('"intermediate_size": 128', '"intermediate_size": 129')
+    (odd / "config.json").write_text(cfg)
+    with pytest.raises(ConfigError, match=r"engine\.tensor_parallel=2 must divide the model's intermediate_size \(129\)"):
+        load_config([*base[2:], f"model.path={odd}", "engine.tensor_parallel=2"])
 
 
 # --- torchrun ----------------------------------------------------------------------------------------------
@@ -213,3 +219,25 @@ def test_megatron_without_cuda_needs_the_explicit_cpu_switch(assets, models, tmp
     assert proc.returncode != 0
     assert "engine=megatron needs CUDA; on a machine without it set engine.megatron_cpu=true" in proc.stderr
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_speech_llm_on_a_pipeline_keeps_encoder_and_adapter_on_the_first_stage(assets, tmp_path):
+    from safetensors.torch import load_file
+
+    from data_pipelines.speech_corpus import write_speech_corpus
+
+    speech = write_speech_corpus(tmp_path / "speech", n_train=32, n_eval=8, seed=0)
+    args = ["model.preset=tiny-speech", f"model.tokenizer_path={assets['model']}",
+            f"data.train_files=[{speech['asr_train']}]", f"data.eval_files=[{speech['asr_eval']}]",
+            "data.max_length=128", "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.max_steps=3",
+            "optim.lr=2e-3", "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false"]
+    run_cli(["train", *args, f"output_dir={tmp_path / 'single'}"])
+    run_cli(["train", *args, f"output_dir={tmp_path / 'pp2'}", *MG, "engine.pipeline_parallel=2"], launcher=TORCHRUN)
+    _same_curve(tmp_path / "single", tmp_path / "pp2")
+    single = load_file(tmp_path / "single" / "checkpoints" / "step_3" / "model.safetensors")
+    mg = load_file(tmp_path / "pp2" / "checkpoints" / "step_3" / "model.safetensors")
+    assert mg.keys() == single.keys() and any(k.startswith("audio_adapter.") for k in mg)
+    for k in single:
+        torch.testing.assert_close(mg[k], single[k], rtol=1e-4, atol=1e-4)  # Adam: lr 2e-3 steps
+    run_cli(["export", str(tmp_path / "pp2" / "checkpoints" / "step_3"), str(tmp_path / "hf")])
+    assert (tmp_path / "hf" / "config.json").exists()

@@ -193,6 +193,8 @@ def _check_megatron(cfg: DictConfig, fail) -> None:
         if heads % tp or groups % tp:
             fail(f"engine.tensor_parallel={tp} must divide the model's attention heads ({heads}) and KV groups "
                  f"(num_key_value_heads={groups})")
+        if shape["intermediate_size"] % tp:
+            fail(f"engine.tensor_parallel={tp} must divide the model's intermediate_size ({shape['intermediate_size']})")
         if pp * vpp > layers:
             fail(f"engine.pipeline_parallel={pp} x virtual_pipeline={vpp} exceeds the model's {layers} layers")
         elif layers % (pp * vpp):
@@ -200,8 +202,8 @@ def _check_megatron(cfg: DictConfig, fail) -> None:
                  f"x virtual_pipeline={vpp}")
     if cfg.recipe.name not in ("sft", "dpo"):
         fail(f"engine=megatron runs recipe=sft|dpo (not {cfg.recipe.name})")
-    if cfg.model.llm_path or cfg.model.encoder_path:
-        fail("engine=megatron trains text LLMs (model.path / model.preset); speech models: use deepspeed for now")
+    if (cfg.model.llm_path or cfg.model.encoder_path or "speech" in (cfg.model.preset or "")) and cfg.peft.method != "none":
+        fail("engine=megatron trains a speech LLM's LLM and adapter in full: set peft=none (LoRA: engine=deepspeed)")
     if cfg.recipe.name == "dpo" and o.reference in ("adapter_off", "model") and o.loss not in ("simpo", "orpo"):
         fail(f"objective.reference={o.reference} is not supported on engine=megatron; use reference=precompute")
     if cfg.trainer.generate_eval:

@@ -1,7 +1,7 @@
 """megatron-core tensor, pipeline and virtual-pipeline parallelism behind the engine interface.
 
 - The recipe builds its HF model (optionally peft-LoRA-wrapped) as on every engine; ``prepare`` turns it
-  into this rank's GPTModel chunks (``steptrain/models/megatron_bridge.py``: fused QKV per KV group,
+  into this rank's GPTModel chunks (and frees the HF copy of the LLM) (``steptrain/models/megatron_bridge.py``: fused QKV per KV group,
   [gate; up], tied embeddings, vocabulary padded to the TP size) and moves peft's LoRA weights onto
   Megatron's parallel linears (``megatron_lora.py``), so every engine starts from the same numbers.
 - Ranks: world = data x pipeline x tensor. Data is sharded over ``data_rank``/``data_world``; the TP and
@@ -19,6 +19,9 @@
 - Checkpoints: megatron dist_checkpointing (``<ckpt>/megatron/``: model and optimizer, resharded on load
   to any TP/PP layout); with ``engine.consolidate_on_save`` also ``model.safetensors`` in HF (or peft)
   names, which ``steptrain export`` reads like any other engine's.
+- A speech LLM (Step-Audio 2 layout) keeps its audio encoder and adapter on the first pipeline stage:
+  the clips' adapter outputs replace the ``<audio_patch>`` token embeddings there, and the LLM is split
+  across stages like any other.
 - On a machine without CUDA it runs only with ``engine.megatron_cpu=true`` (``megatron_cpu_shim.py``).
 """
 
@@ -47,6 +50,7 @@ from steptrain.models.megatron_lora import hf_targets, peft_name, wrap_layer
 log = logging.getLogger(__name__)
 
 TAG = "megatron"  # sub-directory of a steptrain checkpoint holding megatron's dist checkpoint
+AUDIO = ("audio_encoder.", "audio_adapter.")  # a speech LLM's modules on the first stage (HF names)
 
 
 class PositionRotary(torch.nn.Module):
@@ -117,7 +121,6 @@ class MegatronEngine(ProcessGroupCollectives, Engine):
         else:
             shim.install(int(trainer_cfg.seed))
         self._optim_cfg = optim_cfg
-        self.trainable_names: list[str] = []
 
     @property
     def device(self) -> torch.device:
@@ -195,14 +198,22 @@ class MegatronEngine(ProcessGroupCollectives, Engine):
     def prepare(self, model, param_groups, optim_cfg, total_steps):
         peft_cfg = getattr(model, "peft_config", {}).get("default")
         hf = model.get_base_model() if peft_cfg is not None else model
-        if getattr(hf, "audio_encoder", None) is not None or not hasattr(hf, "lm_head"):
-            raise ConfigError("engine=megatron trains Qwen2/LLaMA causal LMs (speech and reward models: not yet)")
-        self.hf_config = hf.config
+        speech = getattr(hf, "audio_encoder", None) is not None
+        lm = hf.llm if speech else hf
+        if not hasattr(lm, "lm_head"):
+            raise ConfigError("engine=megatron trains Qwen2/LLaMA causal LMs and speech LLMs (reward models: not yet)")
+        if speech and peft_cfg is not None:
+            raise ConfigError("engine=megatron trains a speech LLM's LLM and adapter in full (peft=none); LoRA: not yet")
+        self.hf_config = lm.config
+        self.prefix = "llm." if speech else ""  # where the LLM's weights sit in the recipe's model
+        self.audio_patch_id = hf.config.audio_patch_id if speech else None
         with shim.on_cpu():
-            chunks = self._build_chunks(hf.config)
+            chunks = self._build_chunks(lm.config)
+        if speech and chunks[0].pre_process:  # the audio encoder and adapter run on the first stage
+            chunks[0].audio_encoder, chunks[0].audio_adapter = hf.audio_encoder, hf.audio_adapter
         tp_rank = self.ps.get_tensor_model_parallel_rank()
-        base = {k.replace(".base_layer.", "."): v.detach() for k, v in hf.state_dict().items() if ".lora_" not in k}
-        full = bridge.to_megatron(base, hf.config, self.vocab)
+        base = {k.replace(".base_layer.", "."): v.detach() for k, v in lm.state_dict().items() if ".lora_" not in k}
+        full = bridge.to_megatron(base, lm.config, self.vocab)
         if peft_cfg is not None:
             if getattr(peft_cfg, "trainable_token_indices", None) or peft_cfg.modules_to_save:
                 raise ConfigError("engine=megatron LoRA trains the linear projections only: set "
@@ -221,13 +232,17 @@ class MegatronEngine(ProcessGroupCollectives, Engine):
                 names = self._global_names(chunk)
                 for name, p in chunk.named_parameters():
                     g = names[name]
+                    if g.startswith(AUDIO):
+                        named.append((g, p))  # the recipe's own audio modules, weights already in place
+                        continue
                     if ".lora_" in g:
                         src = peft_state[peft_name(g)]
                     else:
                         src = full["embedding.word_embeddings.weight" if tied and g == "output_layer.weight" else g]
                     p.copy_(bridge.shard(g, src, tp_rank, self.tp).to(p.dtype))
                     named.append((self._hf_like(g), p))
-        self.trainable_names = sorted({n for n, p in named if p.requires_grad})
+        for p in lm.parameters():  # the recipe's HF copy of the LLM is spent: free its memory now
+            p.data = torch.empty(0, dtype=p.dtype)
         self.model = self._wrap_ddp(chunks)
         self.module = torch.nn.ModuleList(self.model)
         self.optimizer, self.scheduler = self._build_optimizer([(n, p) for n, p in named if p.requires_grad], optim_cfg, total_steps)
@@ -238,6 +253,8 @@ class MegatronEngine(ProcessGroupCollectives, Engine):
         """An HF-style name for lr_mult / weight-decay patterns (``optim.lr_mult`` regexes are HF names)."""
         if ".lora_" in name:
             return peft_name(name)
+        if name.startswith(AUDIO):
+            return name
         hf = bridge.hf_name(name)
         if hf is not None:
             return hf
@@ -307,7 +324,8 @@ class MegatronEngine(ProcessGroupCollectives, Engine):
             batch = next(data_iterator)
             inner = model.module if hasattr(model, "module") else model
             inner.rotary_pos_emb.positions = batch["position_ids"]
-            out = model(batch["input_ids"], batch["position_ids"], megatron_mask(batch))
+            out = model(batch["input_ids"], batch["position_ids"], megatron_mask(batch),
+                        decoder_input=self._speech_embeddings(inner, batch))
 
             def loss_func(output):
                 result = score(output[..., : self.hf_config.vocab_size], batch)
@@ -331,6 +349,21 @@ class MegatronEngine(ProcessGroupCollectives, Engine):
             )
             results = box[0]
         return results
+
+    def _speech_embeddings(self, chunk, batch):
+        """First stage of a speech LLM: token embeddings with the clips' adapter outputs placed at their
+        ``<audio_patch>`` runs ([s, b, h], Megatron's layout); None elsewhere (the chunk embeds by itself)."""
+        if getattr(chunk, "audio_encoder", None) is None or batch.get("audio_features") is None:
+            return None
+        from steptrain.models.speech.modeling import encode_clips, place_audio
+
+        emb = chunk.embedding(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        if batch["audio_features"].shape[0] == 0:
+            return emb
+        audio, counts = encode_clips(chunk.audio_encoder, chunk.audio_adapter, batch["audio_features"],
+                                     batch.get("audio_lengths"))
+        merged = place_audio(batch["input_ids"], emb.transpose(0, 1), audio, counts, self.audio_patch_id)
+        return merged.transpose(0, 1).contiguous()
 
     def forward_backward(self, batches, score, scale, forward=lm_logits):
         if forward is not lm_logits:
@@ -441,18 +474,23 @@ class MegatronEngine(ProcessGroupCollectives, Engine):
         lora = {peft_name(k): v for k, v in full.items() if ".lora_" in k}
         if lora:
             return lora
-        state = bridge.to_hf(full, self.hf_config)
-        if self.hf_config.tie_word_embeddings:
-            state.pop("lm_head.weight")
-        return state
+        return self._recipe_names(full, drop_tied=True)
+
+    def _recipe_names(self, full: dict, drop_tied: bool) -> dict[str, torch.Tensor]:
+        """Full Megatron weights -> the recipe model's names (an HF causal LM, or a speech LLM's parts)."""
+        audio = {k: v for k, v in full.items() if k.startswith(AUDIO)}
+        state = bridge.to_hf({k: v for k, v in full.items() if k not in audio}, self.hf_config)
+        if drop_tied and self.hf_config.tie_word_embeddings:
+            state.pop("lm_head.weight")  # an alias of the embedding, not a parameter
+        return {**{self.prefix + k: v for k, v in state.items()}, **audio}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The HF causal-LM weights, LoRA merged into its projections, on the main rank (all ranks call)."""
+        """The recipe model's weights (HF names; LoRA merged into its projections), on the main rank (all ranks call)."""
         full = self._gathered(trainable_only=False)
         if not self.is_main:
             return {}
         base = {k.replace(".base.", "."): v for k, v in full.items() if ".lora_" not in k}
-        return bridge.to_hf(merge_lora(base, full, self.hf_config, self.module), self.hf_config)
+        return self._recipe_names(merge_lora(base, full, self.hf_config, self.module), drop_tied=False)
 
 
 def merge_lora(base: dict, full: dict, hf_cfg, module) -> dict:

@@ -276,42 +276,11 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
     # --- audio ----------------------------------------------------------------------------------
     def encode_audio(self, audio_features: torch.Tensor, audio_lengths: torch.Tensor | None = None):
         """Adapter outputs [n_clips, P_max, llm_hidden] and the valid patch count of each clip."""
-        if audio_lengths is None:
-            audio_lengths = torch.full(
-                (audio_features.shape[0],),
-                audio_features.shape[-1],
-                dtype=torch.long,
-                device=audio_features.device,
-            )
-        param = next(self.audio_encoder.parameters())
-        feats = audio_features.to(device=param.device, dtype=param.dtype)
-        hidden, enc_lengths = self.audio_encoder(feats, audio_lengths)
-        out = self.audio_adapter(hidden, enc_lengths)
-        return out, num_patches_tensor(audio_lengths.to(out.device))
+        return encode_clips(self.audio_encoder, self.audio_adapter, audio_features, audio_lengths)
 
     def _merge_audio(self, input_ids, inputs_embeds, audio_features, audio_lengths):
-        """Write clip i's first num_patches(len_i) adapter outputs into the i-th run of patch ids.
-
-        Runs are maximal stretches of ``audio_patch_id`` within a row, taken in reading order over the
-        flattened batch (row 0 left to right, then row 1, ...). The number of runs and each run's length
-        must match the clips exactly.
-        """
-        patch_id = self.config.audio_patch_id
-        if patch_id is None:
-            raise ValueError("config.audio_patch_id is not set, cannot place audio features")
-        patch_mask = input_ids == patch_id
         audio_out, counts = self.encode_audio(audio_features, audio_lengths)
-        expected = counts.tolist()
-        found = _patch_runs(patch_mask)
-        if found != expected:
-            raise ValueError(
-                f"audio patch mismatch: the {len(expected)} clip(s) need runs of <audio_patch> "
-                f"(id {patch_id}) of lengths {expected} (total {sum(expected)}), but input_ids hold "
-                f"{len(found)} run(s) of lengths {found} (total {sum(found)})"
-            )
-        valid = _length_mask(counts, audio_out.shape[1])
-        flat = audio_out[valid].to(inputs_embeds.dtype)  # [sum(counts), H] in clip order
-        return inputs_embeds.masked_scatter(patch_mask.unsqueeze(-1), flat)
+        return place_audio(input_ids, inputs_embeds, audio_out, counts, self.config.audio_patch_id)
 
     # --- forward --------------------------------------------------------------------------------
     def forward(
@@ -461,6 +430,42 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
             model.audio_encoder.requires_grad_(False)
         model.generation_config = model.llm.generation_config
         return model
+
+
+def encode_clips(encoder, adapter, audio_features: torch.Tensor, audio_lengths: torch.Tensor | None = None):
+    """Adapter outputs [n_clips, P_max, llm_hidden] of log-mel clips and the valid patch count of each."""
+    if audio_lengths is None:
+        audio_lengths = torch.full(
+            (audio_features.shape[0],), audio_features.shape[-1], dtype=torch.long, device=audio_features.device
+        )
+    param = next(encoder.parameters())
+    feats = audio_features.to(device=param.device, dtype=param.dtype)
+    hidden, enc_lengths = encoder(feats, audio_lengths)
+    out = adapter(hidden, enc_lengths)
+    return out, num_patches_tensor(audio_lengths.to(out.device))
+
+
+def place_audio(input_ids, inputs_embeds, audio_out, counts, patch_id):
+    """Write clip i's first counts[i] adapter outputs into the i-th run of ``patch_id`` in ``input_ids``.
+
+    Runs are maximal stretches of ``patch_id`` within a row, taken in reading order over the flattened
+    batch (row 0 left to right, then row 1, ...). The number of runs and each run's length must match the
+    clips exactly. ``inputs_embeds`` is [batch, seq, hidden] like ``input_ids`` plus the hidden dim.
+    """
+    if patch_id is None:
+        raise ValueError("config.audio_patch_id is not set, cannot place audio features")
+    patch_mask = input_ids == patch_id
+    expected = counts.tolist()
+    found = _patch_runs(patch_mask)
+    if found != expected:
+        raise ValueError(
+            f"audio patch mismatch: the {len(expected)} clip(s) need runs of <audio_patch> "
+            f"(id {patch_id}) of lengths {expected} (total {sum(expected)}), but input_ids hold "
+            f"{len(found)} run(s) of lengths {found} (total {sum(found)})"
+        )
+    valid = _length_mask(counts, audio_out.shape[1])
+    flat = audio_out[valid].to(inputs_embeds.dtype)  # [sum(counts), H] in clip order
+    return inputs_embeds.masked_scatter(patch_mask.unsqueeze(-1), flat)
 
 
 def save_audio_encoder(
