@@ -134,15 +134,17 @@ def test_tp2_logits_equal_hf_logits(assets, models, tmp_path):
     assert _max_logit_gap(probe, models[False]) < 1e-4
 
 
-def test_pipeline_and_interleaved_pipeline_match_single_process(assets, models, tmp_path):
+def test_pipeline_interleaved_pipeline_and_data_parallel_match_single_process(assets, models, tmp_path):
     common = ["trainer.grad_accum=2"]
     run_cli(["train", *_args(assets, models[False], tmp_path / "single", *common)])
+    run_cli(["train", *_args(assets, models[False], tmp_path / "dp2", *MG)], launcher=TORCHRUN)  # 2 replicas x 1
     run_cli(["train", *_args(assets, models[False], tmp_path / "pp2", *common, *MG, "engine.pipeline_parallel=2")],
             launcher=TORCHRUN)
     run_cli(["train", *_args(assets, models[False], tmp_path / "vpp", *common, *MG, "engine.pipeline_parallel=2",
                              "engine.virtual_pipeline=2")], launcher=TORCHRUN)
     _same_curve(tmp_path / "single", tmp_path / "pp2")
     _same_curve(tmp_path / "single", tmp_path / "vpp")
+    _same_curve(tmp_path / "single", tmp_path / "dp2")
     losses = train_losses(tmp_path / "vpp")
     assert losses[4] < losses[1]
     evals = [[r["eval/loss"] for r in read_metrics(tmp_path / d) if "eval/loss" in r] for d in ("single", "pp2")]

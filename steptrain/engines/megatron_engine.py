@@ -97,6 +97,9 @@ class MegatronEngine(ProcessGroupCollectives, Engine):
                 "engine=megatron needs CUDA; on a machine without it set engine.megatron_cpu=true "
                 "(runs megatron-core on CPU/gloo for tests and debugging)"
             )
+        if not on_gpu and self.precision() == "bf16":
+            raise ConfigError("engine=megatron trains bf16 on GPUs only (megatron's mixed-precision optimizer keeps "
+                              "CUDA master weights); on CPU use trainer.precision=fp32")
         if on_gpu:
             torch.cuda.set_device(self._device)
         backend = engine_cfg.backend if engine_cfg.backend != "auto" else ("nccl" if on_gpu else "gloo")
@@ -328,7 +331,7 @@ class MegatronEngine(ProcessGroupCollectives, Engine):
                         decoder_input=self._speech_embeddings(inner, batch))
 
             def loss_func(output):
-                result = score(output[..., : self.hf_config.vocab_size], batch)
+                result = score(output[..., : self.hf_config.vocab_size].float(), batch)  # bf16 logits: fp32 loss
                 results.append(result)
                 loss = result[0] if isinstance(result, tuple) else output.sum() * 0
                 return loss, torch.ones((), dtype=torch.int), {}
