@@ -79,8 +79,10 @@ def test_user_deepspeed_file_fills_auto_keeps_extras_and_names_contradictions(tm
 def test_contradictory_deepspeed_settings_fail_before_loading(tmp_path, jsonl):
     with pytest.raises(ConfigError, match=r"engine\.offload_param=cpu needs engine\.zero_stage=3"):
         load_config([*_base(tmp_path), "engine.zero_stage=2", "engine.offload_param=cpu"])
-    with pytest.raises(ConfigError, match=r"engine\.zero_stage=4 is not one of: 1, 2, 3"):
+    with pytest.raises(ConfigError, match=r"engine\.zero_stage=4 is not one of: 0, 1, 2, 3"):
         load_config([*_base(tmp_path), "engine.zero_stage=4"])
+    with pytest.raises(ConfigError, match=r"engine=deepspeed needs engine\.zero_stage=1\|2\|3"):
+        load_config([*_base(tmp_path), "engine.zero_stage=0"])
 
 
 @pytest.mark.slow

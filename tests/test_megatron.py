@@ -14,7 +14,14 @@ import subprocess
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from steptrain.config import ConfigError, load_config
 from steptrain.models import megatron_bridge as bridge
@@ -25,18 +32,19 @@ MG = ["engine=megatron", "engine.megatron_cpu=true"]
 FOUR = [*TORCHRUN[:-1], "4"]
 
 
-def _model(dst, tokenizer_dir, *, tied: bool):
-    """A 4-layer Qwen2 (4 heads, 2 KV groups) with an odd vocabulary (padded under TP=2)."""
+def _model(dst, tokenizer_dir, *, tied: bool, arch: str = "qwen2"):
+    """A 4-layer Qwen2 or LLaMA (4 heads, 2 KV groups) with an odd vocabulary (padded under TP=2)."""
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     vocab = len(tok) + (1 - len(tok) % 2)
-    cfg = Qwen2Config(
+    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    cfg = config_cls(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(dst)
+    model_cls(cfg).save_pretrained(dst)
     tok.save_pretrained(dst)
     return dst
 
@@ -128,10 +136,12 @@ def test_layouts_megatron_cannot_build_fail_before_launch(assets, tmp_path):
 
 
 # --- torchrun ----------------------------------------------------------------------------------------------
-def test_tp2_logits_equal_hf_logits(assets, models, tmp_path):
-    probe = _probe(tmp_path / "p.pt", *_args(assets, models[False], tmp_path / "out", *MG, "engine.tensor_parallel=2"))
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_tp2_logits_equal_hf_logits(assets, models, tmp_path, arch):
+    model = models[False] if arch == "qwen2" else _model(tmp_path / "llama", assets["model"], tied=False, arch=arch)
+    probe = _probe(tmp_path / "p.pt", *_args(assets, model, tmp_path / "out", *MG, "engine.tensor_parallel=2"))
     assert probe["batches"][1]["position_ids"][0].tolist().count(0) == 2  # the packed row holds two sequences
-    assert _max_logit_gap(probe, models[False]) < 1e-4
+    assert _max_logit_gap(probe, model) < 1e-4
 
 
 def test_pipeline_interleaved_pipeline_and_data_parallel_match_single_process(assets, models, tmp_path):
