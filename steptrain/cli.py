@@ -16,7 +16,8 @@ import sys
 
 from steptrain.config import ConfigError, load_config
 
-RECIPES = {"sft": "steptrain.recipes.sft", "dpo": "steptrain.recipes.dpo", "reward": "steptrain.recipes.reward"}
+RECIPES = {"sft": "steptrain.recipes.sft", "dpo": "steptrain.recipes.dpo", "reward": "steptrain.recipes.reward",
+           "grpo": "steptrain.recipes.grpo"}
 
 
 def _setup_logging() -> None:

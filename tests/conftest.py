@@ -27,6 +27,14 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     return {k: Path(v) for k, v in paths.items()}
 
 
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory):
+    """A small DTMF spoken-digit corpus (ASR rows with <audio> tags) from data_pipelines.speech_corpus."""
+    from data_pipelines.speech_corpus import write_speech_corpus
+
+    return write_speech_corpus(tmp_path_factory.mktemp("speech"), n_train=64, n_eval=8, seed=0)
+
+
 def base_overrides(assets, out, *extra) -> list[str]:
     """A small, fast SFT run on the demo assets."""
     return [

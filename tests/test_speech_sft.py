@@ -16,13 +16,6 @@ from steptrain.models.loader import load_tokenizer
 from tests.conftest import read_metrics
 
 
-@pytest.fixture(scope="module")
-def speech(tmp_path_factory):
-    from data_pipelines.speech_corpus import write_speech_corpus
-
-    return write_speech_corpus(tmp_path_factory.mktemp("speech"), n_train=64, n_eval=8, seed=0)
-
-
 def speech_args(assets, speech, out, *extra):
     return [
         "model.preset=tiny-speech", f"model.tokenizer_path={assets['model']}",

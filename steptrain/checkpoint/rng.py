@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -50,3 +51,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def batch_rng(seed: int, epoch: int, index: int, device: torch.device):
+    """Torch's generators seeded from (run seed, epoch, micro-batch index in the epoch plan) inside the
+    block, and restored after it.
+
+    Randomness spent making a batch (RL rollouts sample here) then depends only on which micro-batch it
+    is: the same on one process with accumulation as on N data-parallel ranks, and after a resume; and
+    the training stream (dropout) does not see how many numbers a rollout drew.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**63)
+        yield

@@ -80,6 +80,31 @@ class ObjectiveConfig:
     # One row per pair (prompt once, then both replies; a 4D mask keeps them apart) instead of two rows:
     # the prompt's compute is shared. Text-only data; heard audio always uses two rows.
     share_prompt: bool = True
+    # --- online RL (recipe=grpo); see steptrain/objectives/rl.py and steptrain/rollout/rewards.py ---
+    # Reward name -> weight (0: off); the reward of a completion is the weighted sum. Built-ins: accuracy,
+    # reasoning, mgrd, think_length, cer, reward_model; other names are looked up in reward_functions.
+    rewards: dict[str, float] = field(default_factory=dict)
+    reward_functions: dict[str, str] = field(default_factory=dict)  # your own: name -> "module:function"
+    advantage: str = "group"  # group (GRPO: (R - mean) / std) | mean (Dr. GRPO: R - mean) | rloo
+    clip_eps: float = 0.2  # PPO clip range below 1 ...
+    clip_eps_high: float = 0.2  # ... and above it (DAPO's clip-higher uses 0.28)
+    kl_beta: float = 0.0  # weight of the k3 KL to the reference (objective.reference: adapter_off | model)
+    loss_agg: str = "token"  # token: mean over all completion tokens of the step | sequence: per-sequence means
+    mask_truncated: bool = False  # completions cut at rollout.max_new_tokens get no loss (DAPO)
+    think_max_words: int = 512  # think_length reward: the longest thinking that still earns it
+    reward_model_path: str | None = None  # the reward_model reward: an HF sequence classifier
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling of RL completions (recipe=grpo). trainer.batch_size counts prompts; each gets a group."""
+
+    num_generations: int = 8  # G completions per prompt
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    batch_size: int = 0  # sequences per generate() call; 0: a micro-batch's prompts x G at once
 
 
 @dataclass
@@ -168,6 +193,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -178,9 +204,14 @@ class TrainConfig:
     experiment: str | None = None  # name of the preset this run started from (informational)
 
 
+# objective.rewards names that need no objective.reward_functions entry (steptrain/rollout/rewards.py).
+BUILTIN_REWARDS = ("accuracy", "reasoning", "mgrd", "think_length", "cer", "reward_model")
+
 # Allowed values of enumerated string fields, checked in validate.py with the valid choices named.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "recipe.name": ("sft", "dpo", "reward"),
+    "recipe.name": ("sft", "dpo", "reward", "grpo"),
+    "objective.advantage": ("group", "mean", "rloo"),
+    "objective.loss_agg": ("token", "sequence"),
     "objective.loss": ("sigmoid", "ipo", "cdpo", "robust", "simpo", "orpo"),
     "objective.reference": ("precompute", "adapter_off", "model"),
     "model.dtype": ("float32", "bfloat16", "float16"),

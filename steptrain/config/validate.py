@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from steptrain.config.schema import CHOICES
+from steptrain.config.schema import BUILTIN_REWARDS, CHOICES
 
 
 class ConfigError(ValueError):
@@ -125,12 +125,10 @@ def validate(cfg: DictConfig) -> None:
             fail(f"objective.label_smoothing={o.label_smoothing} must be in [0, 0.5)")
         if o.label_smoothing and o.loss not in ("cdpo", "robust"):
             fail(f"objective.label_smoothing is used by objective.loss=cdpo|robust, not {o.loss}")
-        if o.reference == "adapter_off" and cfg.peft.method != "lora":
-            fail("objective.reference=adapter_off needs peft=lora (the reference is the policy without its adapter)")
-        if o.reference == "model" and not o.ref_model_path:
-            fail("objective.reference=model needs objective.ref_model_path=DIR")
-        if o.reference == "model" and cfg.engine.name == "deepspeed":
-            fail("objective.reference=model is not supported on engine=deepspeed; use reference=precompute")
+        _check_reference(cfg, fail)
+
+    if cfg.recipe.name == "grpo":
+        _check_rl(cfg, fail)
 
     e = cfg.engine
     if e.backend == "nccl" and e.device == "cpu":
@@ -154,6 +152,51 @@ def validate(cfg: DictConfig) -> None:
 
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_reference(cfg: DictConfig, fail) -> None:
+    """Where reference log-probs come from must exist for this run."""
+    o = cfg.objective
+    if o.reference == "adapter_off" and cfg.peft.method != "lora":
+        fail("objective.reference=adapter_off needs peft=lora (the reference is the policy without its adapter)")
+    if o.reference == "model" and not o.ref_model_path:
+        fail("objective.reference=model needs objective.ref_model_path=DIR")
+    if o.reference == "model" and cfg.engine.name == "deepspeed":
+        fail("objective.reference=model is not supported on engine=deepspeed (the reference would not be "
+             "partitioned); use peft=lora with reference=adapter_off")
+
+
+def _check_rl(cfg: DictConfig, fail) -> None:
+    """recipe=grpo: sampling, rewards and the KL reference."""
+    o, r = cfg.objective, cfg.rollout
+    if r.num_generations < 2:
+        fail(f"rollout.num_generations={r.num_generations} must be >= 2 (advantages compare a prompt's samples)")
+    if r.max_new_tokens < 1:
+        fail(f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
+    if r.temperature <= 0:
+        fail(f"rollout.temperature={r.temperature} must be > 0 (RL needs sampled, different completions)")
+    if not 0.0 < r.top_p <= 1.0 or r.top_k < 0 or r.batch_size < 0:
+        fail(f"rollout.top_p={r.top_p} must be in (0, 1], rollout.top_k={r.top_k} and rollout.batch_size="
+             f"{r.batch_size} >= 0")
+    if not any(o.rewards.values()):
+        fail("objective.rewards names no reward with a non-zero weight, e.g. objective.rewards={accuracy:1.0}")
+    for name in o.rewards:
+        if name not in BUILTIN_REWARDS and name not in o.reward_functions:
+            fail(f"objective.rewards: {name!r} is neither a built-in ({', '.join(BUILTIN_REWARDS)}) nor in "
+                 f"objective.reward_functions (name -> 'module:function')")
+    if "reward_model" in o.rewards and not (o.reward_model_path and Path(o.reward_model_path).is_dir()):
+        fail(f"the reward_model reward needs objective.reward_model_path=DIR (got {o.reward_model_path!r})")
+    if o.clip_eps <= 0 or o.clip_eps_high <= 0 or o.clip_eps >= 1:
+        fail(f"objective.clip_eps={o.clip_eps} must be in (0, 1) and objective.clip_eps_high={o.clip_eps_high} > 0")
+    if o.kl_beta < 0:
+        fail(f"objective.kl_beta={o.kl_beta} must be >= 0")
+    if o.kl_beta > 0:
+        if o.reference == "precompute":
+            fail("objective.kl_beta > 0 scores fresh samples: objective.reference must be adapter_off (peft=lora) "
+                 "or model (objective.ref_model_path), not precompute")
+        _check_reference(cfg, fail)
+    if cfg.data.packing:
+        fail("data.packing is not supported by recipe=grpo (prompts are sampled as groups)")
 
 
 def _llm_shape(cfg: DictConfig) -> dict | None:

@@ -46,8 +46,9 @@ def read_rows(
     return rows, dict(skipped)
 
 
-def validate_row(row: object) -> None:
-    """Raise DataError (without location) if `row` is not a usable ms-swift conversation."""
+def validate_row(row: object, need_reply: bool = True) -> None:
+    """Raise DataError (without location) if `row` is not a usable ms-swift conversation (RL prompts:
+    ``need_reply=False``, no assistant turn needed)."""
     if not isinstance(row, dict):
         raise DataError("not an object", f"got {type(row).__name__}")
     messages = row.get("messages")
@@ -65,7 +66,7 @@ def validate_row(row: object) -> None:
             raise DataError(
                 "content is not a string", f"message {i} ({role}) has {_type(message.get('content'))}"
             )
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_reply and not any(m["role"] == "assistant" for m in messages):
         raise DataError("no assistant turn")
     system = row.get("system")
     if system is not None and not isinstance(system, str):

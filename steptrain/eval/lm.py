@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from steptrain.data import AudioSpec, Segment, collate, plan_epoch, row_messages
-from steptrain.data.audio_spans import audio_paths, clip_tokens
-from steptrain.data.encode import tokenize_with_audio
+from steptrain.data import AudioSpec, collate, plan_epoch, row_messages
+from steptrain.data.prompts import encode_prompt
 from steptrain.eval.asr import error_rates
 from steptrain.objectives import lm_loss_sum, stats_vector, summarize_stats
 from steptrain.rollout import generate_greedy
@@ -61,22 +60,16 @@ def generation_metrics(
     """
     mine, counted = rank_share(engine, rows)
     prompts, refs, clips = [], [], []
-    for n, row in enumerate(mine):
+    for row in mine:
         messages = row_messages(row)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        text = template.generation_prompt(messages[:last])
         refs.append(messages[last]["content"].strip())
-        if audio is None:
-            prompts.append(text)
-            continue
-        source = row.get("_source", f"row {n}")
-        spans = (clip_tokens(path, audio) for path in audio_paths(row, source))
-        ids, _, row_clips, _ = tokenize_with_audio([Segment(text, False)], tokenizer, spans)
-        prompts.append(ids)
-        clips.append([audio_features(c) for c in row_clips])
+        prompt = encode_prompt(row, messages[:last], template, tokenizer, audio)
+        prompts.append(prompt.ids)
+        clips.append([audio_features(c) for c in prompt.clips])
     preds = (
         generate_greedy(
-            engine.module, tokenizer, prompts, max_new_tokens=max_new_tokens, audio=clips or None,
+            engine.module, tokenizer, prompts, max_new_tokens=max_new_tokens, audio=clips if audio else None,
             synced=engine.lockstep,
         )
         if prompts

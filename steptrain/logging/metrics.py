@@ -78,11 +78,14 @@ class MetricsLogger:
         if "loss" in record and self.bar is not None:
             self.bar.update(step - self.bar.n)
             if step % self.cfg.log_every == 0:
+                extra = {"reward": f"{record['reward']:.4f}"} if "reward" in record else {}  # RL recipes
                 self.bar.set_postfix(
-                    loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record.get('tokens_per_s', 0):.0f}"
+                    loss=f"{record['loss']:.4f}", **extra, lr=f"{record['lr']:.2e}",
+                    tok_s=f"{record.get('tokens_per_s', 0):.0f}",
                 )
         elif "loss" in record and step % self.cfg.log_every == 0:
-            log.info("step %d loss %.4f lr %.2e", step, record["loss"], record["lr"])
+            reward = f" reward {record['reward']:.4f}" if "reward" in record else ""
+            log.info("step %d loss %.4f%s lr %.2e", step, record["loss"], reward, record["lr"])
         if any(k.startswith("eval/") for k in record):
             msg = format_metrics({k: v for k, v in scalars.items() if k.startswith("eval/")})
             (self.bar.write if self.bar is not None else log.info)(f"step {step}: {msg}")

@@ -1,4 +1,4 @@
-"""Loss curves from metrics.jsonl as a PNG (train loss per step, eval loss per evaluation)."""
+"""Training curves from metrics.jsonl as a PNG: loss per step and per evaluation (RL runs: the mean reward)."""
 
 from __future__ import annotations
 
@@ -15,18 +15,21 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]
+    rl = any("reward" in r for r in records)  # RL: the reward is the curve to watch (its loss is ~0 and signed)
+    key, label = ("reward", "mean reward") if rl else ("loss", "loss (nats/token, log scale)")
+    train = [(r["step"], r[key]) for r in records if key in r]
+    evals = [(r["step"], r[f"eval/{key}"]) for r in records if f"eval/{key}" in r]
     if not train and not evals:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+        ax.plot(*zip(*train, strict=True), label=f"train {key}", linewidth=1)
     if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+        ax.plot(*zip(*evals, strict=True), "o-", label=f"eval {key}")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token, log scale)")
-    ax.set_yscale("log")
+    ax.set_ylabel(label)
+    if not rl:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

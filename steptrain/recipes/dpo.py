@@ -22,7 +22,6 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from steptrain.data.preference import (
@@ -32,10 +31,11 @@ from steptrain.data.preference import (
 from steptrain.engines import build_engine
 from steptrain.eval.lm import rank_share
 from steptrain.models.forward import lm_logits
-from steptrain.models.loader import audio_code_ids, load_model, load_tokenizer
+from steptrain.models.loader import audio_code_ids, load_tokenizer
 from steptrain.objectives import audio_token_mask, gathered_logps, preference_loss, sequence_logps
 from steptrain.recipes.loop import build_model, evaluate_task, start_run, train
 from steptrain.recipes.pairs import PairTask, load_pairs
+from steptrain.recipes.reference import reference_logits
 
 log = logging.getLogger("steptrain")
 
@@ -182,31 +182,11 @@ class DPOTask(PairTask):
         }
 
 
-def adapter_off_reference(engine, audio_ids):
-    """The LoRA policy with its adapter disabled (and dropout off) as the reference model."""
+def pair_reference(ref_logits, audio_ids):
+    """(chosen, rejected) reference log-prob sums of a micro-batch's pairs."""
 
     def ref(batch):
-        model = engine.module
-        was_training = model.training
-        model.eval()
-        with torch.no_grad(), model.disable_adapter():
-            logps, _ = reply_logps(model, batch, engine, audio_ids)
-        model.train(was_training)
-        b = len(batch["pair_ids"])
-        return logps[:b], logps[b:]
-
-    return ref
-
-
-def frozen_model_reference(cfg, engine, tokenizer, audio_ids):
-    """A separate frozen reference model (``objective.ref_model_path``), on this rank's device."""
-    ref_cfg = OmegaConf.merge(cfg.model, {"path": cfg.objective.ref_model_path, "preset": None, "llm_path": None})
-    model, _ = load_model(ref_cfg, tokenizer)
-    model.requires_grad_(False).eval().to(engine.device)
-
-    def ref(batch):
-        with torch.no_grad():
-            logps, _ = reply_logps(model, batch, engine, audio_ids)
+        logps, _ = logits_reply_logps(ref_logits(batch), batch, audio_ids)
         b = len(batch["pair_ids"])
         return logps[:b], logps[b:]
 
@@ -238,10 +218,8 @@ def run(cfg) -> dict:
                     module.p = 0.0
         references: dict = {name: None for name in splits}
         if o.loss not in REFERENCE_FREE:
-            if o.reference == "adapter_off":
-                references = {name: adapter_off_reference(engine, audio_ids) for name in splits}
-            elif o.reference == "model":
-                ref = frozen_model_reference(cfg, engine, tokenizer, audio_ids)
+            if o.reference in ("adapter_off", "model"):
+                ref = pair_reference(reference_logits(cfg, engine, tokenizer), audio_ids)
                 references = {name: ref for name in splits}
         tasks = {name: DPOTask(cfg, b, engine, audio_ids, references[name]) for name, b in splits.items()}
 

@@ -3,6 +3,7 @@
 A recipe supplies a :class:`Task` (how rows become batches and a summed loss) and runs :func:`train`.
 Per optimizer step:
   1. take the step's micro-batches from the epoch plan (this replica's share: every data_world-th one);
+     any randomness in making one (RL rollouts) is seeded by its place in the plan;
   2. count the step's loss units over all replicas, N (label tokens for SFT, pairs for DPO);
   3. engine.forward_backward: for each micro-batch, loss = its summed loss / N, backward (gradients
      sync on the last one; a pipeline engine interleaves the micro-batches over its stages);
@@ -32,7 +33,7 @@ from steptrain.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from steptrain.checkpoint.rng import seed_everything
+from steptrain.checkpoint.rng import batch_rng, seed_everything
 from steptrain.config import ConfigError
 from steptrain.data import plan_epoch, read_rows
 from steptrain.engines.optim import param_groups
@@ -73,6 +74,9 @@ class Task(Protocol):
 
     def sources(self, rows: list[list[int]]) -> list[str]:
         """``file:line`` of the examples in ``rows`` (for error messages)."""
+
+    # Optional: ``tokens(batch) -> int``, the real (non-padding) tokens of a collated batch, when they are
+    # more than the examples' ``lengths`` (RL batches hold the generated completions too).
 
 
 def evaluate_task(engine, task: Task, batch_size: int) -> dict:
@@ -209,14 +213,21 @@ def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False, on
                 continue
             t0 = time.perf_counter()
             plan = plans.plan(state["epoch"])
-            mine = [plan[state["cursor"] + j * engine.data_world + engine.data_rank] for j in range(cfg.trainer.grad_accum)]
-            batches = [task.batch(rows) for rows in mine]
+            indices = [state["cursor"] + j * engine.data_world + engine.data_rank for j in range(cfg.trainer.grad_accum)]
+            mine = [plan[i] for i in indices]
+            batches = []
+            for i in indices:  # RL tasks sample their rollouts here, with a generator seeded per micro-batch
+                with batch_rng(cfg.trainer.seed, state["epoch"], i, engine.device):
+                    batches.append(task.batch(plan[i]))
             n_global = engine.data_all_reduce(torch.tensor([sum(task.count(b) for b in batches)], dtype=torch.float64))
             n_global = float(n_global[0])
             batches = [{k: v.to(engine.device) for k, v in b.items() if v is not None} for b in batches]
             totals = engine.forward_backward(batches, task.score, 1.0 / n_global, task.forward)
             engine.data_all_reduce(totals)
-            real_tokens = sum(task.lengths[j] for rows in mine for row in rows for j in row)  # not padding
+            if hasattr(task, "tokens"):  # a task whose batches hold more than its examples (RL completions)
+                real_tokens = sum(task.tokens(b) for b in batches)
+            else:
+                real_tokens = sum(task.lengths[j] for rows in mine for row in rows for j in row)  # not padding
             real_tokens = int(engine.data_all_reduce(torch.tensor([float(real_tokens)]))[0].item())
             step_metrics = task.summarize(totals)
             loss = step_metrics["loss"]

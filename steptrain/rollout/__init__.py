@@ -1,5 +1,5 @@
-"""Generation behind one function so recipes (eval now, RL rollouts later) do not care how it runs."""
+"""Generation behind one function so recipes (evaluation, RL rollouts) do not care how it runs."""
 
-from steptrain.rollout.generate import generate_greedy
+from steptrain.rollout.generate import Sampling, generate_greedy, generate_ids
 
-__all__ = ["generate_greedy"]
+__all__ = ["Sampling", "generate_greedy", "generate_ids"]

@@ -1,43 +1,64 @@
-"""Batched greedy generation with the model's KV cache (HF ``generate``), left-padded prompts."""
+"""Batched generation with the model's KV cache (HF ``generate``), left-padded prompts.
+
+One core (:func:`generate_ids`) serves greedy evaluation and sampled RL rollouts, so both see the same
+prompt layout, audio inputs and stopping rule.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from steptrain.data.batching import pad_clip_features
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are drawn: greedy when ``temperature`` is 0, else softmax(logits / temperature)
+    restricted to the ``top_k`` most likely tokens (0: all) and the smallest set of mass ``top_p``."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature == 0:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+
 @torch.no_grad()
-def generate_greedy(
+def generate_ids(
     model,
-    tokenizer,
-    prompts: list[str] | list[list[int]],
+    prompts: list[list[int]],
     *,
+    eos_id: int,
+    pad_id: int,
     max_new_tokens: int,
+    sampling: Sampling = Sampling(),
     batch_size: int = 16,
     audio: list[list[torch.Tensor]] | None = None,
     synced: bool = False,
-) -> list[str]:
-    """Decode each prompt greedily; returns the generated text only (special tokens removed).
+) -> list[list[int]]:
+    """Completion token ids of each prompt (for several samples of one prompt, repeat it).
 
-    ``prompts`` are texts or token ids. For a speech model, ``audio[i]`` holds the log-mel features of
-    the clips whose placeholder spans prompt ``i`` contains, in order. ``synced``: every rank calls
-    this with the same number of prompts and keeps stepping until all ranks finish (ZeRO-3).
+    A completion ends with its EOS when one was generated (that token is what the policy chose to stop
+    with, so RL trains it); padding after it is cut. ``audio[i]`` holds the log-mel features of the clips
+    whose placeholder spans prompt ``i`` contains, in order. ``synced``: every rank calls this with the
+    same number of prompts and keeps stepping until all ranks finish (ZeRO-3).
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    outputs: list[str] = []
+    outputs: list[list[int]] = []
     try:
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
-            encoded = [p if isinstance(p, list) else tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
-            width = max(len(e) for e in encoded)
-            ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+            width = max(len(e) for e in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
-            for row, e in enumerate(encoded):
+            for row, e in enumerate(chunk):
                 ids[row, width - len(e) :] = torch.tensor(e)
                 mask[row, width - len(e) :] = 1
             extra = {}
@@ -49,15 +70,34 @@ def generate_greedy(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=pad,
+                eos_token_id=eos_id,
+                pad_token_id=pad_id,
                 use_cache=True,
                 synced_gpus=synced,
+                **sampling.generate_kwargs(),
                 **extra,
             )
-            for row in out[:, width:]:
-                outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            for row in out[:, width:].tolist():
+                outputs.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
     finally:
         model.train(was_training)
     return outputs
+
+
+def generate_greedy(
+    model,
+    tokenizer,
+    prompts: list[str] | list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    audio: list[list[torch.Tensor]] | None = None,
+    synced: bool = False,
+) -> list[str]:
+    """Decode each prompt (text or token ids) greedily; returns the generated text (special tokens removed)."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    encoded = [p if isinstance(p, list) else tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = generate_ids(model, encoded, eos_id=eos, pad_id=pad, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       audio=audio, synced=synced)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]

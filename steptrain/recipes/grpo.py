@@ -1,0 +1,258 @@
+"""Online RL with group-relative advantages (GRPO; Dr. GRPO, RLOO, DAPO's clip-higher and overlong
+masking as options) on any engine, full or LoRA, for text and speech prompts.
+
+Per micro-batch of ``trainer.batch_size`` prompts (ms-swift GRPO rows: ``messages`` ending with the user
+turn, extra fields such as ``solution`` passed on to the reward functions):
+  1. rollout: G = ``rollout.num_generations`` completions per prompt, sampled by the current policy;
+  2. rewards: the weighted sum of ``objective.rewards`` on the decoded completions (rollout/rewards.py);
+  3. advantages within each prompt's group (objectives/rl.py: group_advantages);
+  4. the clipped surrogate plus beta * KL per completion token (objectives/rl.py), weighted 1 per token
+     (``loss_agg=token``) or 1/|o_i| (``sequence``) and divided by the step's global weight (loop.py):
+     the same update on every engine and world size.
+One update per rollout (on-policy, as Step-Audio-R1's PPO and TRL's default): the ratio is 1 in value
+and the gradient is that of A * log pi. Sampling draws from a generator seeded per micro-batch
+(loop.py, checkpoint/rng.py: batch_rng), so one process with accumulation, N data-parallel ranks and a
+resumed run all sample the same completions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from steptrain.data import DataError, Encoded, build_template, collate, read_rows
+from steptrain.data.audio_spans import AudioClip
+from steptrain.data.prompts import encode_prompt, split_reply
+from steptrain.data.reader import validate_row
+from steptrain.engines import build_engine
+from steptrain.eval.lm import rank_share
+from steptrain.inputs import clip_features, speech_audio_spec
+from steptrain.models.forward import lm_logits
+from steptrain.models.loader import is_speech_config, load_tokenizer
+from steptrain.objectives.lm import IGNORE_INDEX, token_nll
+from steptrain.objectives.rl import clipped_policy_loss, group_advantages
+from steptrain.recipes.loop import build_model, split_eval, start_run, train
+from steptrain.recipes.reference import reference_logits
+from steptrain.rollout import Sampling, generate_ids
+from steptrain.rollout.rewards import (
+    NEEDS_REFERENCE,
+    Rewards,
+    reference_answer,
+    resolve_reward,
+    reward_model_reward,
+)
+
+log = logging.getLogger("steptrain")
+
+STATS = ("samples", "loss", "weight", "reward", "reward_sq", "completion_tokens", "truncated", "zero_std_groups",
+         "groups", "kl", "clipped")
+
+
+@dataclass
+class RLPrompt:
+    ids: list[int]
+    row: dict
+    clips: list[AudioClip] = field(default_factory=list)
+
+
+def load_prompts(rows: list[dict], tokenizer, cfg, audio) -> tuple[list[RLPrompt], Counter]:
+    """Encoded prompts, and the rows left out by reason (longer than data.max_length; bad rows under
+    data.on_error=skip).
+
+    A bad row (e.g. missing audio, or no reference answer for a reward that needs one) stops the run
+    naming its file and line, unless data.on_error=skip.
+    """
+    template = build_template(cfg.data.template, tokenizer, bos=cfg.data.step_bos, default_system=cfg.data.system)
+    needs_reference = any(w and name in NEEDS_REFERENCE for name, w in cfg.objective.rewards.items())
+    prompts, left_out = [], Counter()
+    for row in rows:
+        try:
+            prompt = encode_prompt(row, split_reply(row)[0], template, tokenizer, audio)
+            if needs_reference:
+                reference_answer(row)
+        except DataError as e:
+            if cfg.data.on_error == "error":
+                raise e.at(row["_source"]) from None
+            left_out[e.reason] += 1
+            continue
+        if len(prompt.ids) > cfg.data.max_length:
+            left_out["longer than data.max_length"] += 1
+            continue
+        prompts.append(RLPrompt(prompt.ids, row, prompt.clips))
+    return prompts, left_out
+
+
+def build_rewards(cfg, engine, tokenizer) -> Rewards:
+    functions = {}
+    for name, weight in cfg.objective.rewards.items():
+        if not weight:
+            continue
+        if name == "reward_model":
+            from transformers import AutoModelForSequenceClassification
+
+            model = AutoModelForSequenceClassification.from_pretrained(cfg.objective.reward_model_path)
+            model.requires_grad_(False).eval().to(engine.device)
+            template = build_template(cfg.data.template, tokenizer, bos=cfg.data.step_bos, default_system=cfg.data.system)
+            functions[name] = reward_model_reward(model, tokenizer, template)
+        else:
+            functions[name] = resolve_reward(name, cfg.objective)
+    return Rewards(functions, dict(cfg.objective.rewards))
+
+
+class GRPOTask:
+    """Prompts -> sampled groups -> rewards and advantages (in ``batch``) -> clipped policy loss (``score``)."""
+
+    forward = staticmethod(lm_logits)
+
+    def __init__(self, cfg, engine, prompts: list[RLPrompt], tokenizer, rewards: Rewards, ref_logits, features):
+        self.cfg, self.engine, self.prompts, self.tokenizer = cfg, engine, prompts, tokenizer
+        self.rewards, self.ref_logits, self.features = rewards, ref_logits, features
+        self.lengths = [len(p.ids) for p in prompts]
+        r = cfg.rollout
+        self.group = r.num_generations
+        self.sampling = Sampling(r.temperature, r.top_p, r.top_k)
+
+    def complete(self, prompts: list[RLPrompt], sampling: Sampling) -> list[list[int]]:
+        """One completion per prompt (repeat a prompt for several), ids ending with EOS unless cut."""
+        return generate_ids(
+            self.engine.module, [p.ids for p in prompts], eos_id=self.tokenizer.eos_token_id,
+            pad_id=self.tokenizer.pad_token_id, max_new_tokens=self.cfg.rollout.max_new_tokens, sampling=sampling,
+            batch_size=self.cfg.rollout.batch_size or len(prompts),
+            audio=[[self.features(c) for c in p.clips] for p in prompts] if self.features else None,
+            synced=self.engine.lockstep,
+        )
+
+    def decode(self, ids: list[int]) -> str:
+        if ids and ids[-1] == self.tokenizer.eos_token_id:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def batch(self, rows):
+        prompts = [self.prompts[i] for row in rows for i in row for _ in range(self.group)]
+        completions = self.complete(prompts, self.sampling)
+        scores = self.rewards([self.decode(c) for c in completions], [p.row for p in prompts])
+        totals = torch.tensor([self.rewards.total(s) for s in scores], dtype=torch.float64)
+        examples = [
+            Encoded(p.ids + c, [IGNORE_INDEX] * len(p.ids) + c, p.row["_source"], audio=p.clips)
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+        batch = collate([[k] for k in range(len(examples))], examples, pad_id=self.tokenizer.pad_token_id,
+                        packing=False, audio_features=self.features)
+        mask = (batch["labels"][:, 1:] != IGNORE_INDEX).double()
+        eos = self.tokenizer.eos_token_id
+        truncated = torch.tensor([float(not c or c[-1] != eos) for c in completions], dtype=torch.float64)
+        weights = mask * (1 - truncated[:, None]) if self.cfg.objective.mask_truncated else mask
+        if self.cfg.objective.loss_agg == "sequence":
+            weights = weights / mask.sum(1, keepdim=True).clamp(min=1)
+        grouped = totals.view(-1, self.group)
+        batch |= {
+            "advantages": group_advantages(totals, self.group, self.cfg.objective.advantage),
+            "loss_weights": weights,
+            "completion_mask": mask,
+            "rewards": torch.tensor(scores, dtype=torch.float64).view(len(prompts), -1),
+            "reward_totals": totals,
+            "truncated": truncated,
+            "zero_std_groups": (grouped.max(1).values == grouped.min(1).values).double(),
+        }
+        if self.cfg.objective.kl_beta > 0:
+            on_device = {k: v.to(self.engine.device) for k, v in batch.items() if v is not None}
+            logits = self.ref_logits(on_device)
+            batch["ref_logps"] = -token_nll(logits[:, :-1], on_device["labels"][:, 1:]).cpu()
+        return batch
+
+    def count(self, batch) -> float:
+        return float(batch["loss_weights"].sum())
+
+    def tokens(self, batch) -> int:
+        """Prompt and completion tokens of a batch (throughput counts what was generated too)."""
+        return int(batch["attention_mask"].sum())
+
+    def score(self, logits, batch):
+        o = self.cfg.objective
+        logps = -token_nll(logits[:, :-1], batch["labels"][:, 1:])
+        loss, parts = clipped_policy_loss(
+            logps, batch["advantages"], clip_low=o.clip_eps, clip_high=o.clip_eps_high,
+            ref_logps=batch.get("ref_logps"), kl_beta=o.kl_beta,
+        )
+        weights, mask = batch["loss_weights"].to(loss.dtype), batch["completion_mask"]
+        loss_sum = (loss * weights).sum()
+        r = batch["reward_totals"]
+        stats = torch.stack([
+            torch.tensor(float(len(r)), dtype=torch.float64), loss_sum.detach().double().cpu(),
+            weights.sum().double().cpu(), r.sum().cpu(), (r * r).sum().cpu(), mask.sum().cpu(),
+            batch["truncated"].sum().cpu(), batch["zero_std_groups"].sum().cpu(),
+            torch.tensor(float(len(batch["zero_std_groups"])), dtype=torch.float64),
+            (parts["kl"].double() * mask).sum().cpu(), (parts["clipped"].double() * mask).sum().cpu(),
+        ])
+        return loss_sum, torch.cat([stats, batch["rewards"].sum(0).cpu()])
+
+    def summarize(self, totals: torch.Tensor, prefix: str = "") -> dict:
+        t = dict(zip(STATS, totals[: len(STATS)].tolist(), strict=True))
+        n, tokens = max(t["samples"], 1.0), max(t["completion_tokens"], 1.0)
+        mean = t["reward"] / n
+        out = {
+            f"{prefix}loss": t["loss"] / max(t["weight"], 1e-12),
+            f"{prefix}reward": mean,
+            f"{prefix}reward_std": max(t["reward_sq"] / n - mean * mean, 0.0) ** 0.5,
+            f"{prefix}completion_length": t["completion_tokens"] / n,
+            f"{prefix}truncated": t["truncated"] / n,
+            f"{prefix}frac_reward_zero_std": t["zero_std_groups"] / max(t["groups"], 1.0),
+            f"{prefix}kl": t["kl"] / tokens,
+            f"{prefix}clip_ratio": t["clipped"] / tokens,
+        }
+        for name, value in zip(self.rewards.names, totals[len(STATS) :].tolist(), strict=True):
+            out[f"{prefix}rewards/{name}"] = value / n
+        return out
+
+    def sources(self, rows) -> list[str]:
+        return [self.prompts[i].row["_source"] for row in rows for i in row]
+
+    def evaluate(self, prompts: list[RLPrompt]) -> dict:
+        """Greedy completions of held-out prompts: mean reward (and per function) and length, over ranks."""
+        mine, counted = rank_share(self.engine, prompts, pad=self.engine.lockstep)
+        sums = torch.zeros(3 + len(self.rewards.names), dtype=torch.float64)
+        if mine:
+            completions = self.complete(mine, Sampling())[:counted]
+            scores = self.rewards([self.decode(c) for c in completions], [p.row for p in mine[:counted]])
+            for c, s in zip(completions, scores, strict=True):
+                sums += torch.tensor([1.0, self.rewards.total(s), float(len(c)), *s], dtype=torch.float64)
+        self.engine.data_all_reduce(sums)
+        n = max(float(sums[0]), 1.0)
+        out = {"eval/reward": float(sums[1]) / n, "eval/completion_length": float(sums[2]) / n,
+               "eval/prompts": int(sums[0])}
+        out |= {f"eval/rewards/{name}": float(v) / n for name, v in zip(self.rewards.names, sums[3:].tolist(), strict=True)}
+        return out
+
+
+def run(cfg) -> dict:
+    """Train according to ``cfg``; returns the last train and eval metrics."""
+    engine = build_engine(cfg.engine, cfg.trainer, cfg.optim)
+    try:
+        start_run(cfg, engine)
+        tokenizer = load_tokenizer(cfg.model)
+        rows, skipped = read_rows(list(cfg.data.train_files), on_error=cfg.data.on_error,
+                                  check=lambda row: validate_row(row, need_reply=False))
+        train_rows, eval_rows = split_eval(cfg, rows)
+        audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
+        features = clip_features if audio else None
+        prompts, left_out = load_prompts(train_rows, tokenizer, cfg, audio)
+        held_out, _ = load_prompts(eval_rows, tokenizer, cfg, audio) if eval_rows else ([], None)
+        if cfg.trainer.generate_eval:
+            held_out = held_out[: cfg.trainer.generate_eval]
+        if engine.is_main:
+            log.info("prompts: %d train (left out: %s), %d eval", len(prompts), dict(left_out + Counter(skipped)),
+                     len(held_out))
+        rewards = build_rewards(cfg, engine, tokenizer)
+        model = build_model(cfg, engine, tokenizer)
+        ref = reference_logits(cfg, engine, tokenizer) if cfg.objective.kl_beta > 0 else None
+        task = GRPOTask(cfg, engine, prompts, tokenizer, rewards, ref, features)
+
+        def evaluate() -> dict:
+            return task.evaluate(held_out) if held_out else {}
+
+        return train(cfg, engine, task, model, evaluate)
+    finally:
+        engine.close()

@@ -1,0 +1,225 @@
+"""GRPO: advantages and the clipped loss against hand values, rewards, config checks, the rollout batch
+layout, a reward that improves, an exact resume with LoRA + KL, and speech prompts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from steptrain.config import ConfigError, load_config
+from steptrain.data import DataError
+from steptrain.objectives.rl import clipped_policy_loss, group_advantages
+from steptrain.rollout import rewards as R
+from tests.conftest import TORCHRUN, base_overrides, kill_mid_run, read_metrics, run_cli
+
+DIGITS = ["objective.rewards={digits:1.0}", "objective.reward_functions={digits:'tests.rl_rewards:digit_share'}"]
+
+
+def _grpo(assets, out, *extra):
+    return base_overrides(
+        assets, out, "experiment=grpo", *DIGITS, "rollout.num_generations=4", "rollout.max_new_tokens=6",
+        "trainer.batch_size=2", "optim.lr=3e-3", *extra,
+    )
+
+
+# --- the objective ------------------------------------------------------------------------------------
+def test_group_advantages_match_hand_values():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])  # two groups of 4; the second has no signal
+    std = math.sqrt(1 / 3)  # unbiased std of (1, 0, 0, 1)
+    g = group_advantages(r, 4, "group")
+    assert torch.allclose(g[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4))
+    assert g[4:].tolist() == [0.0] * 4
+    assert group_advantages(r, 4, "mean")[:4].tolist() == [0.5, -0.5, -0.5, 0.5]
+    # RLOO: R_i - mean of the other three
+    assert torch.allclose(group_advantages(r, 4, "rloo")[:4], torch.tensor([1 - 1 / 3, -2 / 3, -2 / 3, 1 - 1 / 3]))
+    with pytest.raises(ValueError, match="do not make groups of 3"):
+        group_advantages(r, 3)
+
+
+def test_clipped_loss_matches_hand_values_and_on_policy_gradient():
+    logps = torch.log(torch.tensor([[0.5, 0.3], [0.2, 0.4]]))
+    old = torch.log(torch.tensor([[0.25, 0.3], [0.4, 0.4]]))  # ratios 2, 1 | 0.5, 1
+    adv = torch.tensor([1.0, -1.0])
+    loss, parts = clipped_policy_loss(logps, adv, old_logps=old, clip_low=0.2, clip_high=0.28)
+    # row 0, A=1: min(2, 1.28) = 1.28 (clipped) and 1; row 1, A=-1: min(-0.5, -0.8) = -0.8 (clipped) and -1
+    assert torch.allclose(loss, torch.tensor([[-1.28, -1.0], [0.8, 1.0]]))
+    assert parts["clipped"].tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    ref = torch.log(torch.tensor([[0.25, 0.3], [0.2, 0.8]]))
+    loss_kl, parts = clipped_policy_loss(logps, adv, old_logps=old, ref_logps=ref, kl_beta=0.5)
+    kl = torch.tensor([[0.5 - math.log(0.5) - 1, 0.0], [0.0, 2 - math.log(2) - 1]])
+    assert torch.allclose(parts["kl"], kl, atol=1e-6)
+    assert torch.allclose(loss_kl, torch.tensor([[-1.2, -1.0], [0.8, 1.0]]) + 0.5 * kl, atol=1e-6)
+    # on-policy: value -A per token, gradient of -A * log pi
+    x = torch.randn(2, 3, requires_grad=True)
+    lp = torch.log_softmax(x, -1)[:, :2]
+    loss, parts = clipped_policy_loss(lp, adv)
+    assert torch.equal(parts["ratio"], torch.ones(2, 2))
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    (want,) = torch.autograd.grad((-adv[:, None] * torch.log_softmax(x, -1)[:, :2]).sum(), x)
+    assert torch.allclose(g, want)
+
+
+# --- rewards ------------------------------------------------------------------------------------------
+def test_builtin_rewards():
+    text, audio = {"_source": "p.jsonl:1", "solution": "42"}, {"_source": "p.jsonl:2", "solution": "b", "audios": ["x"]}
+    done = ["<think>\nsix times seven\n</think>\nThe answer: \\boxed{42.0}", "42.", "\n</think>\n41"]
+    assert R.accuracy(done, [text] * 3) == [1.0, 1.0, 0.0]
+    assert R.reasoning(done, [text] * 3) == [1.0, 0.0, 0.0]  # an empty thinking block is no reasoning
+    assert R.mgrd(["x y</think>b", "B", "a"], [audio, audio, text]) == [1.0, 0.8, 0.0]
+    assert R.think_length(2)(["a b</think>x", "a b c</think>x", "x"], [text] * 3) == [1.0, 0.0, 0.0]
+    assert R.cer(["41", "42", "9999"], [text] * 3) == [0.5, 1.0, 0.0]
+    row = {"_source": "p.jsonl:7", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "7"}]}
+    assert R.accuracy(["7"], [row]) == [1.0]  # the final assistant turn is the reference
+    with pytest.raises(DataError, match=r"p\.jsonl:3: no solution"):
+        R.accuracy(["1"], [{"_source": "p.jsonl:3", "messages": [{"role": "user", "content": "q"}]}])
+
+
+def test_reward_functions_are_resolved_and_checked():
+    from omegaconf import OmegaConf
+
+    o = OmegaConf.create({"think_max_words": 3, "reward_functions": {"d": "tests.rl_rewards:digit_share",
+                                                                      "bad": "tests.rl_rewards:nothing"}})
+    rewards = R.Rewards({"accuracy": R.accuracy, "d": R.resolve_reward("d", o)}, {"accuracy": 2.0, "d": 1.0})
+    scores = rewards(["12ab", "x"], [{"solution": "12ab"}, {"solution": "1"}])
+    assert scores == [[1.0, 0.5], [0.0, 0.0]] and rewards.total(scores[0]) == 2.5
+    with pytest.raises(ValueError, match="reward_functions.bad='tests.rl_rewards:nothing': cannot import"):
+        R.resolve_reward("bad", o)
+    short = R.Rewards({"d": lambda c, r: [1.0]}, {"d": 1.0})
+    with pytest.raises(ValueError, match="returned 1 scores for 2 completions"):
+        short(["a", "b"], [{}, {}])
+
+
+def test_contradictory_rl_settings_fail_before_loading(assets, tmp_path):
+    def check(match, *extra):
+        with pytest.raises(ConfigError, match=match):
+            load_config(_grpo(assets, tmp_path, *extra))
+
+    check(r"rollout\.num_generations=1 must be >= 2", "rollout.num_generations=1")
+    check(r"'nope' is neither a built-in", "objective.rewards={nope:1.0}")
+    check(r"names no reward with a non-zero weight", "objective.rewards={digits:0.0}")
+    check(r"kl_beta > 0 scores fresh samples: objective.reference must be", "objective.kl_beta=0.1")
+    check(r"reference=adapter_off needs peft=lora", "objective.kl_beta=0.1", "objective.reference=adapter_off")
+    check(r"data\.packing is not supported by recipe=grpo", "data.packing=true")
+    check(r"rollout\.temperature=0\.0 must be > 0", "rollout.temperature=0")
+
+
+# --- the rollout batch ----------------------------------------------------------------------------------
+def test_bad_prompt_rows_name_their_line_or_are_skipped(assets, tmp_path):
+    from steptrain.models.loader import load_tokenizer
+    from steptrain.recipes.grpo import load_prompts
+
+    rows = [{"_source": "p.jsonl:1", "messages": [{"role": "user", "content": "q"}], "solution": "1"},
+            {"_source": "p.jsonl:2", "messages": [{"role": "user", "content": "q"}]}]
+    cfg = load_config(_grpo(assets, tmp_path, "objective.rewards={accuracy:1.0}"))
+    with pytest.raises(DataError, match=r"p\.jsonl:2: no solution"):
+        load_prompts(rows, load_tokenizer(cfg.model), cfg, None)
+    cfg = load_config(_grpo(assets, tmp_path, "objective.rewards={accuracy:1.0}", "data.on_error=skip"))
+    prompts, left_out = load_prompts(rows, load_tokenizer(cfg.model), cfg, None)
+    assert [p.row["_source"] for p in prompts] == ["p.jsonl:1"] and left_out == {"no solution": 1}
+
+
+def test_rollout_batch_layout(assets, tmp_path):
+    from steptrain.engines.single import SingleEngine
+    from steptrain.models.loader import load_model, load_tokenizer
+    from steptrain.recipes.grpo import GRPOTask, build_rewards, load_prompts
+
+    cfg = load_config(_grpo(assets, tmp_path, "objective.mask_truncated=true", "objective.loss_agg=sequence"))
+    tok = load_tokenizer(cfg.model)
+    engine = SingleEngine(cfg.engine, cfg.trainer)
+    engine.module, _ = load_model(cfg.model, tok)
+    rows = [{"_source": f"p:{i}", "messages": [{"role": "user", "content": f"copy: {i} {i}"}]} for i in range(2)]
+    prompts, _ = load_prompts(rows, tok, cfg, None)
+    task = GRPOTask(cfg, engine, prompts, tok, build_rewards(cfg, engine, tok), None, None)
+    torch.manual_seed(0)
+    batch = task.batch([[0], [1]])
+    assert batch["input_ids"].shape[0] == 8  # 2 prompts x 4 samples, prompt-major
+    for k in range(8):
+        p = prompts[k // 4].ids
+        n = int(batch["attention_mask"][k].sum())
+        ids, labels = batch["input_ids"][k, :n].tolist(), batch["labels"][k, :n].tolist()
+        completion = ids[len(p) :]
+        assert ids[: len(p)] == p and labels == [-100] * len(p) + completion  # only the completion is trained
+        assert 1 <= len(completion) <= 6 and (tok.eos_token_id not in completion[:-1])
+        cut = completion[-1] != tok.eos_token_id
+        assert batch["truncated"][k] == float(cut)
+        # sequence aggregation: each kept completion weighs 1 in total; a cut one weighs 0 (mask_truncated)
+        assert batch["loss_weights"][k].sum().item() == pytest.approx(0.0 if cut else 1.0)
+    for g in range(2):  # advantages of a group sum to zero
+        assert abs(float(batch["advantages"][4 * g : 4 * g + 4].sum())) < 1e-9
+    torch.manual_seed(0)
+    assert torch.equal(task.batch([[0], [1]])["input_ids"], batch["input_ids"])  # sampling follows the seed
+
+
+# --- end to end ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_grpo_raises_the_reward(assets, tmp_path):
+    out = tmp_path / "run"
+    run_cli(["train", *_grpo(assets, out, f"data.eval_files=[{assets['eval']}]", "trainer.generate_eval=16",
+                             "trainer.max_steps=30")])
+    metrics = read_metrics(out)
+    evals = [r["eval/reward"] for r in metrics if "eval/reward" in r]
+    assert evals[0] < 0.2 and evals[-1] > 0.8, evals  # greedy completions turn into digits
+    train = [r for r in metrics if "reward" in r]
+    assert len(train) == 30 and sum(r["reward"] for r in train[-5:]) / 5 > 0.6
+    assert {"reward_std", "frac_reward_zero_std", "completion_length", "kl", "clip_ratio", "rewards/digits"} <= set(train[0])
+    # the exported model (HF directory) decodes what the trained policy decoded
+    run_cli(["export", str(out / "checkpoints" / "step_30"), str(tmp_path / "export")])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steptrain.data import build_template
+    from steptrain.rollout import generate_greedy
+    from tests.rl_rewards import digit_share
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tmp_path / "export"), AutoTokenizer.from_pretrained(tmp_path / "export")
+    prompt = build_template("step", tok, bos=True).generation_prompt([{"role": "user", "content": "copy: 1 2"}])
+    texts = generate_greedy(model, tok, [prompt], max_new_tokens=6)
+    assert digit_share(texts, [{}]) == [1.0], texts
+
+
+@pytest.mark.slow
+def test_lora_kl_run_resumes_exactly(assets, tmp_path):
+    extra = ["peft=lora", "peft.dropout=0", "objective.kl_beta=0.1", "objective.reference=adapter_off",
+             "trainer.max_steps=6", "trainer.save_every=3", "optim.lr=1e-2"]
+    run_cli(["train", *_grpo(assets, tmp_path / "full", *extra)])
+    full = {r["step"]: r for r in read_metrics(tmp_path / "full") if "reward" in r}
+    assert full[1]["kl"] == 0.0 and full[6]["kl"] > 0  # the adapter starts at zero, then the policy moves
+    args = _grpo(assets, tmp_path / "cut", *extra)
+    kill_mid_run(["train", *args], tmp_path / "cut", at_step=4)
+    run_cli(["train", *args])
+    cut = {r["step"]: r for r in read_metrics(tmp_path / "cut") if "reward" in r}
+    for step in (4, 5, 6):  # resumed from step 3: the same samples, rewards, KL and gradients
+        for key in ("reward", "kl", "grad_norm", "loss", "tokens"):
+            assert cut[step][key] == full[step][key], (step, key)
+
+
+@pytest.mark.slow
+def test_speech_prompts_roll_out_with_their_audio(assets, speech, tmp_path):
+    out = tmp_path / "speech"
+    run_cli(["train", "experiment=grpo", "model.preset=tiny-speech", f"model.tokenizer_path={assets['model']}",
+             f"data.train_files=[{speech['asr_train']}]", f"data.eval_files=[{speech['asr_eval']}]",
+             f"output_dir={out}", "objective.rewards={cer:1.0}", "rollout.num_generations=2",
+             "rollout.max_new_tokens=4", "trainer.batch_size=2", "trainer.max_steps=2", "trainer.generate_eval=2",
+             "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false"])
+    metrics = read_metrics(out)
+    assert [r["step"] for r in metrics if "reward" in r] == [1, 2]
+    assert all(0.0 <= r["rewards/cer"] <= 1.0 for r in metrics if "rewards/cer" in r)
+    assert metrics[-1]["eval/prompts"] == 2
+
+
+@pytest.mark.slow
+def test_data_parallel_and_zero3_rollouts_match_one_process(assets, tmp_path, monkeypatch):
+    """Rollouts are seeded per micro-batch: 2 ranks sample what one process with accumulation samples."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    common = ["trainer.max_steps=3", "peft=lora", "peft.dropout=0", "optim.lr=1e-2"]
+    run_cli(["train", *_grpo(assets, tmp_path / "one", *common, "trainer.grad_accum=2")])
+    one = {r["step"]: r for r in read_metrics(tmp_path / "one") if "reward" in r}
+    for engine in ("engine=ddp", "engine=deepspeed"):
+        out = tmp_path / engine.split("=")[1]
+        run_cli(["train", *_grpo(assets, out, *common, engine)], launcher=TORCHRUN)
+        two = {r["step"]: r for r in read_metrics(out) if "reward" in r}
+        for step in (1, 2, 3):
+            assert two[step]["reward"] == pytest.approx(one[step]["reward"], abs=1e-12), (engine, step)
+            assert two[step]["tokens"] == one[step]["tokens"]
+            assert two[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-4), (engine, step)
