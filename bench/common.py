@@ -132,6 +132,27 @@ def peak_matmul_flops(size: int = 2048, trials: int = 5, reps: int = 3, warmup: 
     }
 
 
+def model_facts(model_dir: str | Path, preset: str) -> dict:
+    """Size and shape of the saved model both contenders load (fp32, SDPA attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {
+        "preset": preset,
+        "vocab_size": cfg.vocab_size,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_matmul_params": sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)),
+        "n_layers": cfg.num_hidden_layers,
+        "d_attn": cfg.num_attention_heads * head_dim,
+        "hidden_size": cfg.hidden_size,
+        "attn_implementation": "sdpa",
+        "dtype": "float32",
+    }
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     def cell(v) -> str:
         return v if isinstance(v, str) else f"{v}"
@@ -219,3 +240,102 @@ def write_results(res: dict, out: Path, block: str, readme: Path | None, start: 
     print(f"\nresults: {out}  (total {res['total_wall_s']:.0f}s)")
     if readme is not None:
         replace_readme_block(readme, start, end, block)
+
+
+def run_rounds(script: str, contenders: dict[str, dict], names: list[str], spec: dict, work: Path,
+               rounds: int) -> tuple[dict[str, list[dict]], list[str]]:
+    """Run every contender in ``names`` once per round, each in a fresh worker process, in ABBA order
+    (each one goes first in every other round). Returns the results by contender (one per successful
+    round; contenders with none are left out) and the error messages of the runs that failed."""
+    import sys
+
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    failures: list[str] = []
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            print(f"round {r + 1}/{rounds}: running {name} ...", flush=True)
+            try:
+                out = run_in_worker(script, f"{name}-r{r}", {**spec, **contenders[name]}, work)
+                results[name].append(out)
+                print(f"  done in {out['wall_s']:.0f}s", flush=True)
+            except RuntimeError as e:
+                failures.append(str(e))
+                print(e, file=sys.stderr, flush=True)
+    return {name: rs for name, rs in results.items() if rs}, failures
+
+
+def timed_window(steps: list[dict], warmup: int, name: str) -> tuple[list[dict], float]:
+    """The timed steps and their wall seconds: from the end of the last warmup step (``t_end``) to the
+    end of the last step."""
+    if len(steps) <= warmup:
+        raise RuntimeError(f"{name}: only {len(steps)} steps recorded, warmup is {warmup}")
+    timed = steps[warmup:]
+    return timed, timed[-1]["t_end"] - steps[warmup - 1]["t_end"]
+
+
+# --- worker-side instrumentation (inside a contender's process) -------------------------------------------
+
+
+class StepCounts:
+    """Amounts one optimizer step fed the model, summed over its micro-batches: ``add(key=amount, ...)``
+    while the step runs, ``pop()`` when it ends."""
+
+    def __init__(self, *keys: str):
+        self.keys = keys
+        self.reset()
+
+    def reset(self) -> None:
+        self.totals = dict.fromkeys(self.keys, 0)
+
+    def add(self, **amounts) -> None:
+        for key, value in amounts.items():
+            self.totals[key] += value
+
+    def pop(self) -> dict:
+        out = self.totals
+        self.reset()
+        return out
+
+
+def is_train_record(record: dict) -> bool:
+    """A steptrain metrics record of a training step (not an evaluation)."""
+    return "loss" in record and "eval/loss" not in record
+
+
+def clock_steptrain_steps(on_step) -> None:
+    """Make steptrain's ``MetricsLogger.log`` call ``on_step(t_end, record)`` for every training step's
+    record, just before logging it: ``t_end`` is when that step's optimizer step is done."""
+    from steptrain.logging import MetricsLogger
+
+    log = MetricsLogger.log
+
+    def timed_log(self, record):
+        if is_train_record(record):
+            on_step(time.perf_counter(), record)
+        return log(self, record)
+
+    MetricsLogger.log = timed_log
+
+
+def steptrain_train_metrics(out_dir: str | Path) -> list[dict]:
+    """The training-step records of a steptrain run's ``metrics.jsonl``, in order."""
+    import json
+
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in (json.loads(line) for line in lines if line.strip()) if is_train_record(r)]
+
+
+def trl_step_clock(steps: list[dict], counts: StepCounts, records: dict[int, dict]):
+    """A ``TrainerCallback`` that appends ``{"t_end", **counts.pop()}`` to ``steps`` at ``on_step_end`` (the
+    optimizer step is done) and keeps every training log (the dicts with "loss") in ``records`` by global step."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append({"t_end": time.perf_counter(), **counts.pop()})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                records[state.global_step] = dict(logs)
+
+    return StepClock()

@@ -43,6 +43,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -53,9 +54,11 @@ from common import (
     fmt,
     machine_info,
     markdown_table,
+    model_facts,
     peak_matmul_flops,
     repo_on_path,
-    run_in_worker,
+    run_rounds,
+    timed_window,
     usable_cores,
     versions,
     worker_main,
@@ -82,9 +85,6 @@ CONTENDERS: dict[str, dict] = {
 def prepare(work: Path, n_pairs: int, seed: int) -> dict:
     """Demo tokenizer + small-20m model directory, preference pairs in both formats, and facts about them."""
     repo_on_path()
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from data_pipelines.make_demo import make_demo
     from data_pipelines.preference_corpus import write_preference_corpus
 
@@ -100,25 +100,12 @@ def prepare(work: Path, n_pairs: int, seed: int) -> dict:
                 "chosen": [row["messages"][-1]],
                 "rejected": [{"role": "assistant", "content": row["rejected_response"]}],
             }) + "\n")
-    model = AutoModelForCausalLM.from_pretrained(demo["model"], dtype=torch.float32)
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return {
         "model_dir": demo["model"],
         "data_file": str(paths["train"]),
         "trl_data_file": str(trl_file),
         "prepare_s": round(time.perf_counter() - t0, 1),
-        "model": {
-            "preset": PRESET,
-            "vocab_size": cfg.vocab_size,
-            "n_params": sum(p.numel() for p in model.parameters()),
-            "n_matmul_params": sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)),
-            "n_layers": cfg.num_hidden_layers,
-            "d_attn": cfg.num_attention_heads * head_dim,
-            "hidden_size": cfg.hidden_size,
-            "attn_implementation": "sdpa",
-            "dtype": "float32",
-        },
+        "model": model_facts(demo["model"], PRESET),
     }
 
 
@@ -131,17 +118,9 @@ def run_worker(spec_path: str) -> None:
 # --- driver -----------------------------------------------------------------------------------------------
 
 
-def run_contender(name: str, spec: dict, work: Path, round_: int) -> dict:
-    # a fresh output directory per run: no cached reference log-probs are reused
-    return run_in_worker(__file__, f"{name}-r{round_}", {**spec, **CONTENDERS[name]}, work)
-
-
 def summarize_round(name: str, result: dict, warmup: int, model: dict, peak: float) -> dict:
     steps = result["steps"]
-    if len(steps) <= warmup:
-        raise RuntimeError(f"{name}: only {len(steps)} steps recorded, warmup is {warmup}")
-    timed = steps[warmup:]
-    seconds = timed[-1]["t_end"] - steps[warmup - 1]["t_end"]
+    timed, seconds = timed_window(steps, warmup, name)
     total = {k: sum(s[k] for s in timed) for k in ("pairs", "tokens", "slots", "reply_tokens")}
     # Model FLOPs of a training step: 6 per matmul weight per real token (forward 2 + backward 4; attention
     # scores not counted: at ~32 tokens per sequence they would add about 1%). Padding is not counted.
@@ -188,12 +167,10 @@ def summarize(name: str, rounds: list[dict], warmup: int, model: dict, peak: flo
     per = [summarize_round(name, r, warmup, model, peak) for r in rounds]
     best = max(per, key=lambda c: c["pairs_per_s"])
     ref_best = max(per, key=lambda c: c["reference_pairs_per_s"])
-    by_speed = sorted(c["pairs_per_s"] for c in per)
     return {
         **best,
         **{k: ref_best[k] for k in ("reference_s", "reference_pairs_per_s", "reference_mfu")},
-        "pairs_per_s_median": by_speed[len(by_speed) // 2] if len(by_speed) % 2 else
-        (by_speed[len(by_speed) // 2 - 1] + by_speed[len(by_speed) // 2]) / 2,
+        "pairs_per_s_median": statistics.median(c["pairs_per_s"] for c in per),
         "rounds": [{k: c.get(k) for k in ("pairs_per_s", "step_time_s", "own_step_time_s", "reference_s",
                                           "worker_wall_s", "load_avg_at_start")} for c in per],
     }
@@ -404,7 +381,6 @@ def main(argv=None) -> int:
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="steptrain-bench-dpo-"))
     work.mkdir(parents=True, exist_ok=True)
-    failures = []
     try:
         assets = prepare(work, args.pairs, args.seed)
         res["model"] = assets["model"]
@@ -416,18 +392,9 @@ def main(argv=None) -> int:
                 "trl_data_file": assets["trl_data_file"], "max_length": args.max_length,
                 "max_steps": args.warmup + args.steps, "pairs_per_step": args.pairs_per_step, "lr": args.lr,
                 "beta": args.beta, "seed": args.seed, "order": args.order, "threads": threads}
-        results: dict[str, list[dict]] = {name: [] for name in args.contenders}
-        for r in range(args.rounds):  # ABBA...: each contender runs first in every other round
-            for name in args.contenders if r % 2 == 0 else args.contenders[::-1]:
-                print(f"round {r + 1}/{args.rounds}: running {name} ...", flush=True)
-                try:
-                    out = run_contender(name, spec, work, r)
-                    results[name].append(out)
-                    print(f"  done in {out['wall_s']:.0f}s", flush=True)
-                except RuntimeError as e:
-                    failures.append(str(e))
-                    print(e, file=sys.stderr, flush=True)
-        results = {name: rounds for name, rounds in results.items() if rounds}
+        # ABBA...: each contender runs first in every other round, in a fresh process and output directory
+        # (no cached reference log-probs are reused)
+        results, failures = run_rounds(__file__, CONTENDERS, args.contenders, spec, work, args.rounds)
         peaks.append(peak_matmul_flops(args.matmul_size, trials=3 if args.quick else 5))
         best = max(peaks, key=lambda p: p["best_flops"])
         res["peak_matmul"] = {**best, "before": peaks[0]["best_flops"], "after": peaks[1]["best_flops"]}

@@ -8,28 +8,14 @@ import json
 import time
 from pathlib import Path
 
+from common import StepCounts, clock_steptrain_steps, steptrain_train_metrics, trl_step_clock
+
 # --- workers (one subprocess per contender) ---------------------------------------------------------------
 
 
-class _Counts:
+def _counts() -> StepCounts:
     """What one optimizer step fed the model: pairs, real (non-pad) tokens, tensor slots, scored reply tokens."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.pairs = self.tokens = self.slots = self.reply_tokens = 0
-
-    def add(self, pairs: int, tokens: int, slots: int, reply_tokens: int):
-        self.pairs += pairs
-        self.tokens += tokens
-        self.slots += slots
-        self.reply_tokens += reply_tokens
-
-    def pop(self) -> dict:
-        out = {k: getattr(self, k) for k in ("pairs", "tokens", "slots", "reply_tokens")}
-        self.reset()
-        return out
+    return StepCounts("pairs", "tokens", "slots", "reply_tokens")
 
 
 def _steptrain_overrides(spec: dict) -> list[str]:
@@ -75,34 +61,30 @@ def worker_steptrain(spec: dict) -> dict:
     import steptrain.recipes.dpo as dpo
     import steptrain.recipes.pairs as run_pairs
     from steptrain.config import load_config
-    from steptrain.logging import MetricsLogger
 
     overrides = _steptrain_overrides(spec)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(overrides)
-    counts, steps, timing, encoded = _Counts(), [], {}, {}
-    batch, shared_batch, log, precomputed, load_data = (
-        dpo.PairBatches.batch, dpo.SharedPromptBatches.batch, MetricsLogger.log, dpo.precomputed_reference,
-        run_pairs.load_preference_data)
+    counts, steps, timing, encoded = _counts(), [], {}, {}
+    batch, shared_batch, precomputed, load_data = (
+        dpo.PairBatches.batch, dpo.SharedPromptBatches.batch, dpo.precomputed_reference, run_pairs.load_preference_data)
     compute = dpo.compute_reference
 
     def counting_batch(self, rows):
         out = batch(self, rows)
-        counts.add(len(out["pair_ids"]), int(out["attention_mask"].sum()), out["input_ids"].numel(),
-                   int((out["labels"][:, 1:] != -100).sum()))
+        counts.add(pairs=len(out["pair_ids"]), tokens=int(out["attention_mask"].sum()), slots=out["input_ids"].numel(),
+                   reply_tokens=int((out["labels"][:, 1:] != -100).sum()))
         return out
 
     def counting_shared_batch(self, rows):  # one row per pair: the prompt once, then both replies
         out = shared_batch(self, rows)
         replies = sum(int((out[f"{side}_targets"] != -100).sum()) for side in ("chosen", "rejected"))
-        counts.add(len(out["pair_ids"]), sum(self.lengths[i] for i in out["pair_ids"].tolist()),
-                   out["input_ids"].numel(), replies)
+        counts.add(pairs=len(out["pair_ids"]), tokens=sum(self.lengths[i] for i in out["pair_ids"].tolist()),
+                   slots=out["input_ids"].numel(), reply_tokens=replies)
         return out
 
-    def timed_log(self, record):
-        if "loss" in record and "eval/loss" not in record:  # a train step's record
-            steps.append({"t_end": time.perf_counter(), **counts.pop(), "loss": record["loss"]})
-        return log(self, record)
+    def on_step(t_end, record):
+        steps.append({"t_end": t_end, **counts.pop(), "loss": record["loss"]})
 
     def timed_precompute(*args, **kwargs):
         t0 = time.perf_counter()
@@ -125,7 +107,7 @@ def worker_steptrain(spec: dict) -> dict:
 
     dpo.PairBatches.batch = counting_batch
     dpo.SharedPromptBatches.batch = counting_shared_batch
-    MetricsLogger.log = timed_log
+    clock_steptrain_steps(on_step)
     dpo.precomputed_reference = timed_precompute
     dpo.compute_reference = timed_compute
     run_pairs.load_preference_data = recording_load
@@ -134,9 +116,7 @@ def worker_steptrain(spec: dict) -> dict:
     run_s = time.perf_counter() - t0
 
     out = Path(spec["out_dir"])
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train_records = [m for m in metrics if "loss" in m and "eval/loss" not in m]
-    for step, record in zip(steps, train_records, strict=True):  # steptrain's own per-step figures
+    for step, record in zip(steps, steptrain_train_metrics(out), strict=True):  # steptrain's own per-step figures
         step.update(own_step_time=record["step_time"], own_pairs=record["pairs"], own_tokens=record["tokens"],
                     reward_accuracy=record.get("rewards/accuracy"), grad_norm=record.get("grad_norm"))
     ref = load_file(str(out / dpo.CACHE))
@@ -156,7 +136,7 @@ def worker_steptrain(spec: dict) -> dict:
 def worker_trl(spec: dict) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     with open(spec["trl_data_file"]) as f:
@@ -192,7 +172,7 @@ def worker_trl(spec: dict) -> dict:
         "dataloader_pin_memory": False,
     }
     args = DPOConfig(output_dir=spec["out_dir"], **options)
-    counts, steps, losses, timing = _Counts(), [], {}, {}
+    counts, steps, records, timing = _counts(), [], {}, {}
 
     class TimedDPOTrainer(DPOTrainer):
         def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -203,30 +183,23 @@ def worker_trl(spec: dict) -> dict:
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:
-                counts.add(inputs["input_ids"].shape[0] // 2, int(inputs["attention_mask"].sum()),
-                           inputs["input_ids"].numel(), int(inputs["completion_mask"][:, 1:].sum()))
+                counts.add(pairs=inputs["input_ids"].shape[0] // 2, tokens=int(inputs["attention_mask"].sum()),
+                           slots=inputs["input_ids"].numel(), reply_tokens=int(inputs["completion_mask"][:, 1:].sum()))
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
-    class StepTimer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            steps.append({"t_end": time.perf_counter(), **counts.pop()})
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses[state.global_step] = {"loss": logs["loss"], "reward_accuracy": logs.get("rewards/accuracies"),
-                                             "grad_norm": logs.get("grad_norm")}
-
     t0 = time.perf_counter()
     trainer = TimedDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                              callbacks=[StepTimer()])
+                              callbacks=[trl_step_clock(steps, counts, records)])
     init_s = time.perf_counter() - t0
     prepared = trainer.train_dataset
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
     for i, step in enumerate(steps, 1):
-        step.update(losses.get(i, {"loss": None}))
+        logs = records.get(i)
+        step.update({"loss": logs["loss"], "reward_accuracy": logs.get("rewards/accuracies"),
+                     "grad_norm": logs.get("grad_norm")} if logs else {"loss": None})
     encoded = []
     for ex in prepared:
         p, c, r = ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from steptrain.cli import main
 from steptrain.config import ConfigError, load_config
 from steptrain.engines.deepspeed_config import deepspeed_config
 from tests.conftest import ROOT, TORCHRUN, base_overrides, kill_mid_run, read_metrics, run_cli, train_losses
@@ -161,7 +162,7 @@ def test_zero3_exports_reload_with_equal_logits(assets, tmp_path):
     run_cli(["train", *base_overrides(assets, tmp_path / "lora1", *common, *lora, "trainer.grad_accum=2")])
     run_cli(["train", *base_overrides(assets, tmp_path / "lora3", *common, *lora, *DS)], launcher=TORCHRUN)
     for name in ("lora1", "lora3"):
-        run_cli(["export", str(tmp_path / name / "checkpoints" / "step_4"), str(tmp_path / f"{name}_out")])
+        assert main(["export", str(tmp_path / name / "checkpoints" / "step_4"), str(tmp_path / f"{name}_out")]) == 0
     adapter = load_file(str(tmp_path / "lora3_out" / "adapter_model.safetensors"))
     assert adapter and all(t.numel() > 0 for t in adapter.values())
     ref = _logits(PeftModel.from_pretrained(base(), tmp_path / "lora1_out").eval(), assets)
@@ -174,9 +175,9 @@ def test_zero3_exports_reload_with_equal_logits(assets, tmp_path):
             launcher=TORCHRUN)
     ckpt = tmp_path / "full3" / "checkpoints" / "step_4"
     assert not (ckpt / "model.safetensors").exists()
-    run_cli(["export", str(ckpt), str(tmp_path / "full3_out")])
+    assert main(["export", str(ckpt), str(tmp_path / "full3_out")]) == 0
     run_cli(["train", *base_overrides(assets, tmp_path / "full1", *common, "trainer.grad_accum=2")])
-    run_cli(["export", str(tmp_path / "full1" / "checkpoints" / "step_4"), str(tmp_path / "full1_out")])
+    assert main(["export", str(tmp_path / "full1" / "checkpoints" / "step_4"), str(tmp_path / "full1_out")]) == 0
     full3 = AutoModelForCausalLM.from_pretrained(tmp_path / "full3_out").eval()
     full1 = AutoModelForCausalLM.from_pretrained(tmp_path / "full1_out").eval()
     torch.testing.assert_close(_logits(full3, assets), _logits(full1, assets), rtol=0, atol=1e-4)

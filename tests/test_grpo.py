@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from steptrain.cli import main
 from steptrain.config import ConfigError, load_config
 from steptrain.data import DataError
 from steptrain.objectives.rl import clipped_policy_loss, group_advantages
@@ -106,6 +107,34 @@ def test_contradictory_rl_settings_fail_before_loading(assets, tmp_path):
 
 
 # --- the rollout batch ----------------------------------------------------------------------------------
+def test_rollouts_ignore_the_checkpoints_sampling_settings_and_stop_at_every_eos(assets):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steptrain.rollout import Sampling, generate_ids, stop_ids
+
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    model = AutoModelForCausalLM.from_pretrained(assets["model"]).eval()
+    prompts = [tok("copy: 1 2", add_special_tokens=False)["input_ids"]] * 8
+
+    def sample(m, eos):
+        torch.manual_seed(0)
+        return generate_ids(m, prompts, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=12,
+                            sampling=Sampling(temperature=1.0))
+
+    plain = sample(model, [tok.eos_token_id])
+    model.generation_config.repetition_penalty = 1.5  # a checkpoint default that would bias RL samples
+    model.generation_config.no_repeat_ngram_size = 1
+    assert sample(model, [tok.eos_token_id]) == plain
+    stop = plain[0][1]  # declare the second sampled token an extra EOS (as chat models list several)
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    assert stop_ids(model, tok) == [tok.eos_token_id, stop]
+    cut = sample(model, stop_ids(model, tok))
+    for row in cut:
+        ends = [k for k, t in enumerate(row) if t in (tok.eos_token_id, stop)]
+        assert ends == [] and len(row) == 12 or ends == [len(row) - 1]  # nothing after the first stop token
+    assert cut[0] == plain[0][:2]
+
+
 def test_bad_prompt_rows_name_their_line_or_are_skipped(assets, tmp_path):
     from steptrain.models.loader import load_tokenizer
     from steptrain.recipes.grpo import load_prompts
@@ -131,7 +160,7 @@ def test_rollout_batch_layout(assets, tmp_path):
     engine.module, _ = load_model(cfg.model, tok)
     rows = [{"_source": f"p:{i}", "messages": [{"role": "user", "content": f"copy: {i} {i}"}]} for i in range(2)]
     prompts, _ = load_prompts(rows, tok, cfg, None)
-    task = GRPOTask(cfg, engine, prompts, tok, build_rewards(cfg, engine, tok), None, None)
+    task = GRPOTask(cfg, engine, prompts, tok, build_rewards(cfg, engine, tok), None, None, [tok.eos_token_id])
     torch.manual_seed(0)
     batch = task.batch([[0], [1]])
     assert batch["input_ids"].shape[0] == 8  # 2 prompts x 4 samples, prompt-major
@@ -165,7 +194,7 @@ def test_grpo_raises_the_reward(assets, tmp_path):
     assert len(train) == 30 and sum(r["reward"] for r in train[-5:]) / 5 > 0.6
     assert {"reward_std", "frac_reward_zero_std", "completion_length", "kl", "clip_ratio", "rewards/digits"} <= set(train[0])
     # the exported model (HF directory) decodes what the trained policy decoded
-    run_cli(["export", str(out / "checkpoints" / "step_30"), str(tmp_path / "export")])
+    assert main(["export", str(out / "checkpoints" / "step_30"), str(tmp_path / "export")]) == 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from steptrain.data import build_template

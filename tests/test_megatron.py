@@ -23,6 +23,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from steptrain.cli import main
 from steptrain.config import ConfigError, load_config
 from steptrain.models import megatron_bridge as bridge
 from steptrain.models.forward import lm_logits
@@ -169,7 +170,7 @@ def test_tp2_pp2_on_four_ranks_trains_and_exports_to_hf(assets, models, tmp_path
                              "engine.pipeline_parallel=2")], launcher=FOUR)
     _same_curve(tmp_path / "single", tmp_path / "mg")
     ckpt = tmp_path / "mg" / "checkpoints" / "step_4"
-    run_cli(["export", str(ckpt), str(tmp_path / "hf")])
+    assert main(["export", str(ckpt), str(tmp_path / "hf")]) == 0
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     base = AutoModelForCausalLM.from_pretrained(models[True])
     assert exported.config.tie_word_embeddings and exported.config.vocab_size == base.config.vocab_size  # unpadded
@@ -202,8 +203,8 @@ def test_lora_tp2_matches_single_and_merged_export_equals_megatron_logits(assets
             launcher=TORCHRUN)
     _same_curve(tmp_path / "single", tmp_path / "mg")
     ckpt = tmp_path / "mg" / "checkpoints" / "step_4"
-    run_cli(["export", str(ckpt), str(tmp_path / "merged"), "--merge-lora"])
-    run_cli(["export", str(ckpt), str(tmp_path / "adapter")])
+    assert main(["export", str(ckpt), str(tmp_path / "merged"), "--merge-lora"]) == 0
+    assert main(["export", str(ckpt), str(tmp_path / "adapter")]) == 0
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     probe = _probe(tmp_path / "p.pt", "--ckpt", str(ckpt))
     assert _max_logit_gap(probe, tmp_path / "merged") < 1e-4
@@ -251,5 +252,5 @@ def test_speech_llm_on_a_pipeline_keeps_encoder_and_adapter_on_the_first_stage(a
     assert mg.keys() == single.keys() and any(k.startswith("audio_adapter.") for k in mg)
     for k in single:
         torch.testing.assert_close(mg[k], single[k], rtol=1e-4, atol=1e-4)  # Adam: lr 2e-3 steps
-    run_cli(["export", str(tmp_path / "pp2" / "checkpoints" / "step_3"), str(tmp_path / "hf")])
+    assert main(["export", str(tmp_path / "pp2" / "checkpoints" / "step_3"), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").exists()

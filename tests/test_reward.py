@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from data_pipelines.preference_corpus import write_preference_corpus
+from steptrain.cli import main
 from steptrain.config import load_config
 from steptrain.recipes import reward
 from tests.conftest import TORCHRUN, read_metrics, run_cli
@@ -44,8 +45,8 @@ def test_lora_reward_model_exports_as_a_sequence_classifier_with_equal_scores(as
                    "peft.dropout=0")
     reward.run(load_config(args))
     ckpt = tmp_path / "run" / "checkpoints" / "step_3"
-    run_cli(["export", str(ckpt), str(tmp_path / "adapter")])
-    run_cli(["export", str(ckpt), str(tmp_path / "merged"), "--merge-lora"])
+    assert main(["export", str(ckpt), str(tmp_path / "adapter")]) == 0
+    assert main(["export", str(ckpt), str(tmp_path / "merged"), "--merge-lora"]) == 0
 
     tok = AutoTokenizer.from_pretrained(assets["tokenizer"])
     ids = tok(["copy: 1 2 3", "sort: 9 3 7 1"], padding=True, return_tensors="pt")

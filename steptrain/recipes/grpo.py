@@ -36,7 +36,7 @@ from steptrain.objectives.lm import IGNORE_INDEX, token_nll
 from steptrain.objectives.rl import clipped_policy_loss, group_advantages
 from steptrain.recipes.loop import build_model, split_eval, start_run, train
 from steptrain.recipes.reference import reference_logits
-from steptrain.rollout import Sampling, generate_ids
+from steptrain.rollout import Sampling, generate_ids, stop_ids
 from steptrain.rollout.rewards import (
     NEEDS_REFERENCE,
     Rewards,
@@ -107,8 +107,9 @@ class GRPOTask:
 
     forward = staticmethod(lm_logits)
 
-    def __init__(self, cfg, engine, prompts: list[RLPrompt], tokenizer, rewards: Rewards, ref_logits, features):
-        self.cfg, self.engine, self.prompts, self.tokenizer = cfg, engine, prompts, tokenizer
+    def __init__(self, cfg, engine, prompts: list[RLPrompt], tokenizer, rewards: Rewards, ref_logits, features,
+                 eos_ids: list[int]):
+        self.cfg, self.engine, self.prompts, self.tokenizer, self.eos_ids = cfg, engine, prompts, tokenizer, eos_ids
         self.rewards, self.ref_logits, self.features = rewards, ref_logits, features
         self.lengths = [len(p.ids) for p in prompts]
         r = cfg.rollout
@@ -118,7 +119,7 @@ class GRPOTask:
     def complete(self, prompts: list[RLPrompt], sampling: Sampling) -> list[list[int]]:
         """One completion per prompt (repeat a prompt for several), ids ending with EOS unless cut."""
         return generate_ids(
-            self.engine.module, [p.ids for p in prompts], eos_id=self.tokenizer.eos_token_id,
+            self.engine.module, [p.ids for p in prompts], eos_ids=self.eos_ids,
             pad_id=self.tokenizer.pad_token_id, max_new_tokens=self.cfg.rollout.max_new_tokens, sampling=sampling,
             batch_size=self.cfg.rollout.batch_size or len(prompts),
             audio=[[self.features(c) for c in p.clips] for p in prompts] if self.features else None,
@@ -126,9 +127,8 @@ class GRPOTask:
         )
 
     def decode(self, ids: list[int]) -> str:
-        if ids and ids[-1] == self.tokenizer.eos_token_id:
-            ids = ids[:-1]
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        """What reward functions read: the completion's text without special tokens (as TRL passes it)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def batch(self, rows):
         prompts = [self.prompts[i] for row in rows for i in row for _ in range(self.group)]
@@ -142,8 +142,7 @@ class GRPOTask:
         batch = collate([[k] for k in range(len(examples))], examples, pad_id=self.tokenizer.pad_token_id,
                         packing=False, audio_features=self.features)
         mask = (batch["labels"][:, 1:] != IGNORE_INDEX).double()
-        eos = self.tokenizer.eos_token_id
-        truncated = torch.tensor([float(not c or c[-1] != eos) for c in completions], dtype=torch.float64)
+        truncated = torch.tensor([float(not c or c[-1] not in self.eos_ids) for c in completions], dtype=torch.float64)
         weights = mask * (1 - truncated[:, None]) if self.cfg.objective.mask_truncated else mask
         if self.cfg.objective.loss_agg == "sequence":
             weights = weights / mask.sum(1, keepdim=True).clamp(min=1)
@@ -248,7 +247,7 @@ def run(cfg) -> dict:
         rewards = build_rewards(cfg, engine, tokenizer)
         model = build_model(cfg, engine, tokenizer)
         ref = reference_logits(cfg, engine, tokenizer) if cfg.objective.kl_beta > 0 else None
-        task = GRPOTask(cfg, engine, prompts, tokenizer, rewards, ref, features)
+        task = GRPOTask(cfg, engine, prompts, tokenizer, rewards, ref, features, stop_ids(model, tokenizer))
 
         def evaluate() -> dict:
             return task.evaluate(held_out) if held_out else {}

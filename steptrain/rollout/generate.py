@@ -23,9 +23,22 @@ class Sampling:
     top_k: int = 0
 
     def generate_kwargs(self) -> dict:
+        """Every setting that shapes the distribution, so nothing comes from the checkpoint's
+        generation_config.json (a repetition penalty there would make RL samples off-policy)."""
+        neutral = {"num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "typical_p": 1.0,
+                   "min_new_tokens": 0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
         if self.temperature == 0:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+            return {**neutral, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+        return {**neutral, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS and every EOS id of the model's generation config (chat models often have
+    several, e.g. <|im_end|> and <|endoftext|>)."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += extra if isinstance(extra, list) else [extra] if extra is not None else []
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 @torch.no_grad()
@@ -33,7 +46,7 @@ def generate_ids(
     model,
     prompts: list[list[int]],
     *,
-    eos_id: int,
+    eos_ids: list[int],
     pad_id: int,
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
@@ -43,8 +56,8 @@ def generate_ids(
 ) -> list[list[int]]:
     """Completion token ids of each prompt (for several samples of one prompt, repeat it).
 
-    A completion ends with its EOS when one was generated (that token is what the policy chose to stop
-    with, so RL trains it); padding after it is cut. ``audio[i]`` holds the log-mel features of the clips
+    A completion ends with the first of ``eos_ids`` it generated (that token is what the policy chose to
+    stop with, so RL trains it); padding after it is cut. ``audio[i]`` holds the log-mel features of the clips
     whose placeholder spans prompt ``i`` contains, in order. ``synced``: every rank calls this with the
     same number of prompts and keeps stepping until all ranks finish (ZeRO-3).
     """
@@ -70,7 +83,7 @@ def generate_ids(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,
-                eos_token_id=eos_id,
+                eos_token_id=eos_ids,
                 pad_token_id=pad_id,
                 use_cache=True,
                 synced_gpus=synced,
@@ -78,7 +91,8 @@ def generate_ids(
                 **extra,
             )
             for row in out[:, width:].tolist():
-                outputs.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+                end = next((k for k, t in enumerate(row) if t in eos_ids), len(row) - 1)
+                outputs.append(row[: end + 1])
     finally:
         model.train(was_training)
     return outputs
@@ -95,9 +109,8 @@ def generate_greedy(
     synced: bool = False,
 ) -> list[str]:
     """Decode each prompt (text or token ids) greedily; returns the generated text (special tokens removed)."""
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [p if isinstance(p, list) else tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    ids = generate_ids(model, encoded, eos_id=eos, pad_id=pad, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       audio=audio, synced=synced)
+    ids = generate_ids(model, encoded, eos_ids=stop_ids(model, tokenizer), pad_id=pad, max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, audio=audio, synced=synced)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
