@@ -106,6 +106,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    import json
+
+    from steptrain.rollout.generate import Sampling
+    from steptrain.rollout.sample import sample_model
+
+    pass_range = None
+    if args.pass_range:
+        lo, _, hi = args.pass_range.partition(":")
+        if not (lo.isdigit() and hi.isdigit() and int(lo) <= int(hi) <= args.num_samples):
+            print(f"steptrain: error: --pass-range {args.pass_range!r} must be LO:HI with 0 <= LO <= HI <= "
+                  f"--num-samples ({args.num_samples})", file=sys.stderr)
+            return 2
+        pass_range = (int(lo), int(hi))
+    stats = sample_model(
+        args.model, args.data, args.out, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+        sampling=Sampling(args.temperature, args.top_p, args.top_k), keep=args.keep, pass_range=pass_range,
+        min_reward=args.min_reward, seed=args.seed, batch_size=args.batch_size, overrides=args.set,
+    )
+    print(json.dumps(stats, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steptrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # The `deepspeed` launcher passes --local_rank=N before the verb; LOCAL_RANK in the environment says the same.
@@ -138,6 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--set", nargs="*", default=[], help="config keys, e.g. data.template=jinja data.max_length=4096")
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("sample", help="K scored samples per prompt: filter RL prompts by pass count, or keep good "
+                                      "responses as SFT rows (MGRD self-distillation)")
+    p.add_argument("model", help="a checkpoint directory (checkpoints/step_N) or an HF-format model directory")
+    p.add_argument("data", nargs="+", help="ms-swift prompt JSONL (a final assistant turn or 'solution' is the reference)")
+    p.add_argument("--out", required=True, help="the JSONL to write")
+    p.add_argument("--keep", choices=("prompts", "responses"), default="prompts")
+    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--pass-range", default=None, help="prompts: keep those with LO..HI passing samples, e.g. 3:6")
+    p.add_argument("--min-reward", type=float, default=1.0, help="a sample passes at this weighted reward or more")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call (x --num-samples sequences)")
+    p.add_argument("--set", nargs="*", default=[],
+                   help="config keys, e.g. objective.rewards={mgrd:1.0} (default: accuracy) data.template=jinja")
+    p.set_defaults(fn=cmd_sample)
     return parser
 
 

@@ -137,7 +137,7 @@ def test_rollouts_ignore_the_checkpoints_sampling_settings_and_stop_at_every_eos
 
 def test_bad_prompt_rows_name_their_line_or_are_skipped(assets, tmp_path):
     from steptrain.models.loader import load_tokenizer
-    from steptrain.recipes.grpo import load_prompts
+    from steptrain.rollout.prompts import load_prompts
 
     rows = [{"_source": "p.jsonl:1", "messages": [{"role": "user", "content": "q"}], "solution": "1"},
             {"_source": "p.jsonl:2", "messages": [{"role": "user", "content": "q"}]}]
@@ -152,7 +152,9 @@ def test_bad_prompt_rows_name_their_line_or_are_skipped(assets, tmp_path):
 def test_rollout_batch_layout(assets, tmp_path):
     from steptrain.engines.single import SingleEngine
     from steptrain.models.loader import load_model, load_tokenizer
-    from steptrain.recipes.grpo import GRPOTask, build_rewards, load_prompts
+    from steptrain.recipes.grpo import GRPOTask
+    from steptrain.rollout.prompts import load_prompts
+    from steptrain.rollout.rewards import build_rewards
 
     cfg = load_config(_grpo(assets, tmp_path, "objective.mask_truncated=true", "objective.loss_agg=sequence"))
     tok = load_tokenizer(cfg.model)
@@ -160,7 +162,7 @@ def test_rollout_batch_layout(assets, tmp_path):
     engine.module, _ = load_model(cfg.model, tok)
     rows = [{"_source": f"p:{i}", "messages": [{"role": "user", "content": f"copy: {i} {i}"}]} for i in range(2)]
     prompts, _ = load_prompts(rows, tok, cfg, None)
-    task = GRPOTask(cfg, engine, prompts, tok, build_rewards(cfg, engine, tok), None, None, [tok.eos_token_id])
+    task = GRPOTask(cfg, engine, prompts, tok, build_rewards(cfg, engine.device, tok), None, None, [tok.eos_token_id])
     torch.manual_seed(0)
     batch = task.batch([[0], [1]])
     assert batch["input_ids"].shape[0] == 8  # 2 prompts x 4 samples, prompt-major

@@ -19,15 +19,24 @@ from steptrain.inputs import clip_features, reply_audio_spec, speech_audio_spec
 from steptrain.models.loader import audio_code_ids, is_speech_config, load_model, load_tokenizer
 
 
-def _load(model_dir: str, overrides: list[str]):
+def with_overrides(cfg, overrides: list[str]):
+    """``cfg`` with ``key=value`` overrides in Hydra's syntax (as ``steptrain train`` takes them)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
+    return cfg
+
+
+def load_for_inference(model_dir: str, overrides: list[str]):
+    """(model in eval mode, tokenizer, config) from a steptrain checkpoint or an HF-format directory."""
     if (Path(model_dir) / COMPLETE).exists():
         from steptrain.export import rebuild_from_checkpoint
 
         model, tokenizer, cfg = rebuild_from_checkpoint(model_dir)
-        return model, tokenizer, OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    cfg = OmegaConf.merge(
-        OmegaConf.structured(TrainConfig), {"model": {"path": model_dir}, "output_dir": "."},
-        OmegaConf.from_dotlist(overrides),
+        return model, tokenizer, with_overrides(cfg, overrides)
+    cfg = with_overrides(
+        OmegaConf.merge(OmegaConf.structured(TrainConfig), {"model": {"path": model_dir}, "output_dir": "."}), overrides
     )
     tokenizer = load_tokenizer(cfg.model)
     model, _ = load_model(cfg.model, tokenizer)
@@ -37,7 +46,7 @@ def _load(model_dir: str, overrides: list[str]):
 def evaluate_model(model_dir: str, data_files: list[str], *, max_new_tokens: int = 128, limit: int = 0,
                    batch_size: int = 8, overrides: list[str] = ()) -> dict:
     """Metrics of ``model_dir`` on ``data_files``; ``overrides`` are config keys (e.g. data.template=jinja)."""
-    model, tokenizer, cfg = _load(model_dir, list(overrides))
+    model, tokenizer, cfg = load_for_inference(model_dir, list(overrides))
     rows, _ = read_rows(list(data_files), on_error=cfg.data.on_error)
     rows = rows[:limit] if limit else rows
     audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None

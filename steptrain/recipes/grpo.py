@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
 
 import torch
 
-from steptrain.data import DataError, Encoded, build_template, collate, read_rows
-from steptrain.data.audio_spans import AudioClip
-from steptrain.data.prompts import encode_prompt, split_reply
+from steptrain.data import Encoded, collate, read_rows
 from steptrain.data.reader import validate_row
 from steptrain.engines import build_engine
 from steptrain.eval.lm import rank_share
@@ -37,69 +34,13 @@ from steptrain.objectives.rl import clipped_policy_loss, group_advantages
 from steptrain.recipes.loop import build_model, split_eval, start_run, train
 from steptrain.recipes.reference import reference_logits
 from steptrain.rollout import Sampling, generate_ids, stop_ids
-from steptrain.rollout.rewards import (
-    NEEDS_REFERENCE,
-    Rewards,
-    reference_answer,
-    resolve_reward,
-    reward_model_reward,
-)
+from steptrain.rollout.prompts import RLPrompt, load_prompts
+from steptrain.rollout.rewards import Rewards, build_rewards
 
 log = logging.getLogger("steptrain")
 
 STATS = ("samples", "loss", "weight", "reward", "reward_sq", "completion_tokens", "truncated", "zero_std_groups",
          "groups", "kl", "clipped")
-
-
-@dataclass
-class RLPrompt:
-    ids: list[int]
-    row: dict
-    clips: list[AudioClip] = field(default_factory=list)
-
-
-def load_prompts(rows: list[dict], tokenizer, cfg, audio) -> tuple[list[RLPrompt], Counter]:
-    """Encoded prompts, and the rows left out by reason (longer than data.max_length; bad rows under
-    data.on_error=skip).
-
-    A bad row (e.g. missing audio, or no reference answer for a reward that needs one) stops the run
-    naming its file and line, unless data.on_error=skip.
-    """
-    template = build_template(cfg.data.template, tokenizer, bos=cfg.data.step_bos, default_system=cfg.data.system)
-    needs_reference = any(w and name in NEEDS_REFERENCE for name, w in cfg.objective.rewards.items())
-    prompts, left_out = [], Counter()
-    for row in rows:
-        try:
-            prompt = encode_prompt(row, split_reply(row)[0], template, tokenizer, audio)
-            if needs_reference:
-                reference_answer(row)
-        except DataError as e:
-            if cfg.data.on_error == "error":
-                raise e.at(row["_source"]) from None
-            left_out[e.reason] += 1
-            continue
-        if len(prompt.ids) > cfg.data.max_length:
-            left_out["longer than data.max_length"] += 1
-            continue
-        prompts.append(RLPrompt(prompt.ids, row, prompt.clips))
-    return prompts, left_out
-
-
-def build_rewards(cfg, engine, tokenizer) -> Rewards:
-    functions = {}
-    for name, weight in cfg.objective.rewards.items():
-        if not weight:
-            continue
-        if name == "reward_model":
-            from transformers import AutoModelForSequenceClassification
-
-            model = AutoModelForSequenceClassification.from_pretrained(cfg.objective.reward_model_path)
-            model.requires_grad_(False).eval().to(engine.device)
-            template = build_template(cfg.data.template, tokenizer, bos=cfg.data.step_bos, default_system=cfg.data.system)
-            functions[name] = reward_model_reward(model, tokenizer, template)
-        else:
-            functions[name] = resolve_reward(name, cfg.objective)
-    return Rewards(functions, dict(cfg.objective.rewards))
 
 
 class GRPOTask:
@@ -244,7 +185,7 @@ def run(cfg) -> dict:
         if engine.is_main:
             log.info("prompts: %d train (left out: %s), %d eval", len(prompts), dict(left_out + Counter(skipped)),
                      len(held_out))
-        rewards = build_rewards(cfg, engine, tokenizer)
+        rewards = build_rewards(cfg, engine.device, tokenizer)
         model = build_model(cfg, engine, tokenizer)
         ref = reference_logits(cfg, engine, tokenizer) if cfg.objective.kl_beta > 0 else None
         task = GRPOTask(cfg, engine, prompts, tokenizer, rewards, ref, features, stop_ids(model, tokenizer))

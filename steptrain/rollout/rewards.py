@@ -28,6 +28,7 @@ import re
 from collections.abc import Callable
 
 from steptrain.config.schema import BUILTIN_REWARDS
+from steptrain.data import build_template
 from steptrain.data.errors import DataError
 from steptrain.data.prompts import split_reply
 from steptrain.eval.asr import error_rates
@@ -186,3 +187,21 @@ def reward_model_reward(model, tokenizer, template, batch_size: int = 16) -> Rew
         return out
 
     return reward
+
+
+def build_rewards(cfg, device, tokenizer) -> Rewards:
+    """The run's reward functions (``cfg.objective.rewards`` with non-zero weights) and weights."""
+    functions = {}
+    for name, weight in cfg.objective.rewards.items():
+        if not weight:
+            continue
+        if name == "reward_model":
+            from transformers import AutoModelForSequenceClassification
+
+            model = AutoModelForSequenceClassification.from_pretrained(cfg.objective.reward_model_path)
+            model.requires_grad_(False).eval().to(device)
+            template = build_template(cfg.data.template, tokenizer, bos=cfg.data.step_bos, default_system=cfg.data.system)
+            functions[name] = reward_model_reward(model, tokenizer, template)
+        else:
+            functions[name] = resolve_reward(name, cfg.objective)
+    return Rewards(functions, dict(cfg.objective.rewards))
