@@ -17,7 +17,7 @@ import sys
 from steptrain.config import ConfigError, load_config
 
 RECIPES = {"sft": "steptrain.recipes.sft", "dpo": "steptrain.recipes.dpo", "reward": "steptrain.recipes.reward",
-           "grpo": "steptrain.recipes.grpo"}
+           "grpo": "steptrain.recipes.grpo", "ppo": "steptrain.recipes.ppo"}
 
 
 def _setup_logging() -> None:

@@ -18,9 +18,9 @@ from tests.conftest import TORCHRUN, base_overrides, kill_mid_run, read_metrics,
 DIGITS = ["objective.rewards={digits:1.0}", "objective.reward_functions={digits:'tests.rl_rewards:digit_share'}"]
 
 
-def _grpo(assets, out, *extra):
+def _grpo(assets, out, *extra, recipe="grpo"):
     return base_overrides(
-        assets, out, "experiment=grpo", *DIGITS, "rollout.num_generations=4", "rollout.max_new_tokens=6",
+        assets, out, f"experiment={recipe}", *DIGITS, "rollout.num_generations=4", "rollout.max_new_tokens=6",
         "trainer.batch_size=2", "optim.lr=3e-3", *extra,
     )
 
@@ -104,6 +104,17 @@ def test_contradictory_rl_settings_fail_before_loading(assets, tmp_path):
     check(r"reference=adapter_off needs peft=lora", "objective.kl_beta=0.1", "objective.reference=adapter_off")
     check(r"data\.packing is not supported by recipe=grpo", "data.packing=true")
     check(r"rollout\.temperature=0\.0 must be > 0", "rollout.temperature=0")
+
+    def check_ppo(match, *extra):
+        with pytest.raises(ConfigError, match=match):
+            load_config(_grpo(assets, tmp_path, *extra, recipe="ppo"))
+
+    check_ppo(r"optim\.hold_steps=6 must be >= 0 and below trainer\.max_steps=6", "optim.hold_steps=6")
+    check_ppo(r"recipe=ppo needs a critic", "model.path=null", "model.preset=tiny",
+              f"model.tokenizer_path={assets['model']}")
+    check_ppo(r"recipe=ppo trains text LLMs", "model.path=null", f"model.llm_path={assets['model']}")
+    check_ppo(r"objective\.critic_lr=0\.0 must be > 0", "objective.critic_lr=0")
+    load_config(_grpo(assets, tmp_path, "rollout.num_generations=1", recipe="ppo"))  # PPO needs no group
 
 
 # --- the rollout batch ----------------------------------------------------------------------------------
@@ -240,17 +251,78 @@ def test_speech_prompts_roll_out_with_their_audio(assets, speech, tmp_path):
 
 
 @pytest.mark.slow
-def test_data_parallel_and_zero3_rollouts_match_one_process(assets, tmp_path, monkeypatch):
-    """Rollouts are seeded per micro-batch: 2 ranks sample what one process with accumulation samples."""
+@pytest.mark.parametrize(("recipe", "engines"), [("grpo", ["ddp", "deepspeed"]), ("ppo", ["deepspeed"])])
+def test_data_parallel_and_zero3_runs_match_one_process(assets, tmp_path, monkeypatch, recipe, engines):
+    """Rollouts are seeded per micro-batch: 2 ranks sample what one process with accumulation samples, and
+    take the same steps (PPO: the critic too, a second ZeRO-3 engine)."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    common = ["trainer.max_steps=3", "peft=lora", "peft.dropout=0", "optim.lr=1e-2"]
-    run_cli(["train", *_grpo(assets, tmp_path / "one", *common, "trainer.grad_accum=2")])
+    common = ["trainer.max_steps=3", "peft=lora", "peft.dropout=0", "optim.lr=1e-2",
+              "objective.critic_lr=3e-3"]
+    run_cli(["train", *_grpo(assets, tmp_path / "one", *common, "trainer.grad_accum=2", recipe=recipe)])
     one = {r["step"]: r for r in read_metrics(tmp_path / "one") if "reward" in r}
-    for engine in ("engine=ddp", "engine=deepspeed"):
-        out = tmp_path / engine.split("=")[1]
-        run_cli(["train", *_grpo(assets, out, *common, engine)], launcher=TORCHRUN)
-        two = {r["step"]: r for r in read_metrics(out) if "reward" in r}
+    for engine in engines:
+        run_cli(["train", *_grpo(assets, tmp_path / engine, *common, f"engine={engine}", recipe=recipe)],
+                launcher=TORCHRUN)
+        two = {r["step"]: r for r in read_metrics(tmp_path / engine) if "reward" in r}
         for step in (1, 2, 3):
             assert two[step]["reward"] == pytest.approx(one[step]["reward"], abs=1e-12), (engine, step)
             assert two[step]["tokens"] == one[step]["tokens"]
-            assert two[step]["grad_norm"] == pytest.approx(one[step]["grad_norm"], rel=1e-4), (engine, step)
+            for key in ("grad_norm", "critic/grad_norm") if recipe == "ppo" else ("grad_norm",):
+                assert two[step][key] == pytest.approx(one[step][key], rel=1e-4), (engine, step, key)
+
+
+# --- PPO --------------------------------------------------------------------------------------------------
+def test_ppo_rewards_advantages_and_value_loss_match_hand_values():
+    from steptrain.engines.optim import lr_factor
+    from steptrain.objectives.rl import clipped_value_loss, gae, token_rewards, whiten
+
+    mask = torch.tensor([[0.0, 1, 1, 1], [0, 0, 1, 0]])  # row 0: three completion tokens; row 1: one
+    kl = torch.tensor([[9.0, 0.1, 0.2, 0.3], [9, 9, 0.5, 9]])
+    r = token_rewards(torch.tensor([1.0, 2.0]), mask, kl, kl_beta=0.5)
+    assert torch.allclose(r, torch.tensor([[0, -0.05, -0.1, 1 - 0.15], [0, 0, 2 - 0.25, 0]], dtype=torch.float64))
+    values = torch.tensor([[7.0, 0.5, 0.25, 0.5], [7, 7, 1.0, 7]])
+    adv, ret = gae(r, values, mask, gamma=1.0, lam=1.0)  # gamma = lam = 1: rewards to go minus V
+    want = torch.tensor([[0, 0.7 - 0.5, 0.75 - 0.25, 0.85 - 0.5], [0, 0, 1.75 - 1.0, 0]], dtype=torch.float64)
+    assert torch.allclose(adv, want) and torch.allclose(ret, want + values.double() * mask)
+    adv, _ = gae(r, values, mask, gamma=0.5, lam=0.5)  # delta_t = r_t + 0.5 V_t+1 - V_t, A_t = delta_t + 0.25 A_t+1
+    d3, d2, d1 = 0.85 - 0.5, -0.1 + 0.25 - 0.25, -0.05 + 0.125 - 0.5
+    assert torch.allclose(adv[0, 1:], torch.tensor([d1 + 0.25 * (d2 + 0.25 * d3), d2 + 0.25 * d3, d3], dtype=torch.float64))
+    w = whiten(torch.tensor([[5.0, 1, 2, 3], [5, 5, 4, 5]]), mask)
+    assert torch.allclose(w[mask.bool()], torch.tensor([-1.3416, -0.4472, 0.4472, 1.3416]), atol=1e-4)
+    assert w[~mask.bool()].abs().sum() == 0
+    loss = clipped_value_loss(torch.tensor([1.0, 0.5]), torch.tensor([0.5, 0.5]), torch.tensor([2.0, 0.0]), clip=0.2)
+    assert torch.allclose(loss, torch.tensor([0.5 * 1.3**2, 0.5 * 0.25]))  # the clipped 0.7 is further from 2
+    assert [lr_factor(s, total_steps=6, warmup=0, kind="constant", min_ratio=0, hold=2) for s in range(4)] == [0, 0, 1, 1]
+
+
+@pytest.mark.slow
+def test_ppo_raises_the_reward_with_a_learning_critic(assets, tmp_path):
+    out = tmp_path / "run"
+    run_cli(["train", *_grpo(assets, out, "objective.critic_lr=3e-3", "trainer.max_steps=30",
+                             f"data.eval_files=[{assets['eval']}]", "trainer.generate_eval=16", recipe="ppo")])
+    metrics = read_metrics(out)
+    evals = [r["eval/reward"] for r in metrics if "eval/reward" in r]
+    assert evals[0] < 0.2 and evals[-1] > 0.8, evals
+    train = [r for r in metrics if "reward" in r]
+    first, last = train[:5], train[-5:]
+    assert sum(r["critic/loss"] for r in last) < sum(r["critic/loss"] for r in first)  # the critic fits the returns
+    assert (out / "checkpoints" / "step_30" / "critic" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ppo_critic_warmup_and_exact_resume(assets, tmp_path):
+    ppo = ["objective.critic_lr=3e-3", "peft=lora", "peft.dropout=0", "objective.kl_beta=0.05",
+           "objective.reference=adapter_off", "optim.hold_steps=2", "trainer.save_every=3", "optim.lr=1e-2",
+           "trainer.max_steps=6"]
+    run_cli(["train", *_grpo(assets, tmp_path / "full", *ppo, recipe="ppo")])
+    full = {r["step"]: r for r in read_metrics(tmp_path / "full") if "reward" in r}
+    assert [full[s]["lr"] for s in (1, 2)] == [0.0, 0.0] and full[3]["lr"] > 0  # the critic warms up alone
+    assert full[2]["kl"] == 0.0 and full[6]["kl"] != 0.0  # the policy moves only after the warm-up
+    assert full[1]["critic/lr"] == 3e-3 and full[1]["critic/grad_norm"] > 0
+    args = _grpo(assets, tmp_path / "cut", *ppo, recipe="ppo")
+    kill_mid_run(["train", *args], tmp_path / "cut", at_step=4)
+    run_cli(["train", *args])
+    cut = {r["step"]: r for r in read_metrics(tmp_path / "cut") if "reward" in r}
+    for step in (4, 5, 6):  # policy, critic and both optimizers resumed from step 3
+        for key in ("reward", "loss", "grad_norm", "kl", "critic/loss", "critic/grad_norm", "critic/values"):
+            assert cut[step][key] == full[step][key], (step, key)

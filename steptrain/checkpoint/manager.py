@@ -80,8 +80,10 @@ def _all_ok(engine, fn) -> Exception | None:
     return error
 
 
-def save_checkpoint(engine, output_dir, step: int, trainer_state: dict, cfg, keep_last: int) -> Path:
-    """Write step_<step> atomically; every rank calls this and writes its own part."""
+def save_checkpoint(engine, output_dir, step: int, trainer_state: dict, cfg, keep_last: int,
+                    companions: dict | None = None) -> Path:
+    """Write step_<step> atomically; every rank calls this and writes its own part. ``companions`` are
+    further engines trained alongside (a PPO critic), each saved in a subdirectory of its name."""
     root = checkpoints_dir(output_dir)
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
 
@@ -93,6 +95,9 @@ def save_checkpoint(engine, output_dir, step: int, trainer_state: dict, cfg, kee
 
     def write():
         engine.save(tmp)
+        for name, companion in (companions or {}).items():
+            (tmp / name).mkdir(exist_ok=True)
+            companion.save(tmp / name)
         save_rng(tmp, engine.rank)
         if engine.is_main:
             (tmp / STATE).write_text(json.dumps(trainer_state, indent=1))
@@ -120,9 +125,14 @@ def save_checkpoint(engine, output_dir, step: int, trainer_state: dict, cfg, kee
     return final
 
 
-def load_checkpoint(engine, ckpt: Path) -> dict:
-    """Restore engine state and this rank's RNG from ``ckpt``; returns the trainer state."""
+def load_checkpoint(engine, ckpt: Path, companions: dict | None = None) -> dict:
+    """Restore engine state (and the companions' from their subdirectories) and this rank's RNG from
+    ``ckpt``; returns the trainer state."""
     engine.load(ckpt)
+    for name, companion in (companions or {}).items():
+        if not (ckpt / name).is_dir():
+            raise CheckpointError(f"{ckpt} has no {name}/ state to resume the {name} from")
+        companion.load(ckpt / name)
     if not load_rng(ckpt, engine.rank):
         log.warning("%s has no RNG state for rank %d: continuing with fresh generators", ckpt, engine.rank)
     return json.loads((ckpt / STATE).read_text())

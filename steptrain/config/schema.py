@@ -93,6 +93,13 @@ class ObjectiveConfig:
     mask_truncated: bool = False  # completions cut at rollout.max_new_tokens get no loss (DAPO)
     think_max_words: int = 512  # think_length reward: the longest thinking that still earns it
     reward_model_path: str | None = None  # the reward_model reward: an HF sequence classifier
+    # --- PPO (recipe=ppo): a critic V(s_t) per completion token, GAE advantages ---
+    critic_path: str | None = None  # the critic's initial weights (default: model.path; a reward model is common)
+    critic_lr: float | None = None  # default: optim.lr
+    gamma: float = 1.0  # discount (Step-Audio-R1: 1)
+    lam: float = 1.0  # GAE lambda (Step-Audio-R1: 1)
+    value_clip: float = 0.2  # clip of the critic's change from its rollout values
+    whiten_advantages: bool = True  # normalise each micro-batch's token advantages to mean 0, std 1
 
 
 @dataclass
@@ -157,6 +164,9 @@ class OptimConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
+    # lr 0 for the first N steps, then warmup and decay over the rest (recipe=ppo: the critic warm-up, when
+    # only the critic learns; the critic's own schedule does not hold)
+    hold_steps: int = 0
     # Learning-rate multipliers by parameter-name regex, e.g. {"embed_tokens": 5.0, "lm_head": 5.0}.
     lr_mult: dict[str, float] = field(default_factory=dict)
 
@@ -209,7 +219,7 @@ BUILTIN_REWARDS = ("accuracy", "reasoning", "mgrd", "think_length", "cer", "rewa
 
 # Allowed values of enumerated string fields, checked in validate.py with the valid choices named.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "recipe.name": ("sft", "dpo", "reward", "grpo"),
+    "recipe.name": ("sft", "dpo", "reward", "grpo", "ppo"),
     "objective.advantage": ("group", "mean", "rloo"),
     "objective.loss_agg": ("token", "sequence"),
     "objective.loss": ("sigmoid", "ipo", "cdpo", "robust", "simpo", "orpo"),

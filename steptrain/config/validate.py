@@ -97,6 +97,8 @@ def validate(cfg: DictConfig) -> None:
         fail("optim.warmup_steps and optim.warmup_ratio contradict each other: set only one")
     if not 0.0 <= o.warmup_ratio < 1.0:
         fail(f"optim.warmup_ratio={o.warmup_ratio} must be in [0, 1)")
+    if o.hold_steps < 0 or t.max_steps and o.hold_steps >= t.max_steps:
+        fail(f"optim.hold_steps={o.hold_steps} must be >= 0 and below trainer.max_steps={t.max_steps}")
     if t.max_steps and o.warmup_steps > t.max_steps:
         fail(f"optim.warmup_steps={o.warmup_steps} exceeds trainer.max_steps={t.max_steps}")
     if len(o.betas) != 2:
@@ -127,7 +129,7 @@ def validate(cfg: DictConfig) -> None:
             fail(f"objective.label_smoothing is used by objective.loss=cdpo|robust, not {o.loss}")
         _check_reference(cfg, fail)
 
-    if cfg.recipe.name == "grpo":
+    if cfg.recipe.name in ("grpo", "ppo"):
         _check_rl(cfg, fail)
 
     e = cfg.engine
@@ -169,8 +171,10 @@ def _check_reference(cfg: DictConfig, fail) -> None:
 def _check_rl(cfg: DictConfig, fail) -> None:
     """recipe=grpo: sampling, rewards and the KL reference."""
     o, r = cfg.objective, cfg.rollout
-    if r.num_generations < 2:
+    if cfg.recipe.name == "grpo" and r.num_generations < 2:
         fail(f"rollout.num_generations={r.num_generations} must be >= 2 (advantages compare a prompt's samples)")
+    if r.num_generations < 1:
+        fail(f"rollout.num_generations={r.num_generations} must be >= 1")
     if r.max_new_tokens < 1:
         fail(f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
     if r.temperature <= 0:
@@ -196,7 +200,19 @@ def _check_rl(cfg: DictConfig, fail) -> None:
                  "or model (objective.ref_model_path), not precompute")
         _check_reference(cfg, fail)
     if cfg.data.packing:
-        fail("data.packing is not supported by recipe=grpo (prompts are sampled as groups)")
+        fail(f"data.packing is not supported by recipe={cfg.recipe.name} (prompts are sampled as groups)")
+    if cfg.recipe.name == "ppo":
+        m = cfg.model
+        critic = o.critic_path or m.path
+        if m.llm_path:
+            fail("recipe=ppo trains text LLMs (its critic is a token classifier); use recipe=grpo for speech models")
+        elif not critic or not Path(critic).is_dir():
+            fail(f"recipe=ppo needs a critic: objective.critic_path=DIR or model.path=DIR (got {critic!r})")
+        if o.critic_lr is not None and o.critic_lr <= 0:
+            fail(f"objective.critic_lr={o.critic_lr} must be > 0")
+        if not (0.0 <= o.gamma <= 1.0 and 0.0 <= o.lam <= 1.0) or o.value_clip <= 0:
+            fail(f"objective.gamma={o.gamma} and objective.lam={o.lam} must be in [0, 1], objective.value_clip="
+                 f"{o.value_clip} > 0")
 
 
 def _llm_shape(cfg: DictConfig) -> dict | None:

@@ -58,8 +58,12 @@ def warmup_steps(optim_cfg, total_steps: int) -> int:
     return int(optim_cfg.warmup_steps or round(optim_cfg.warmup_ratio * total_steps))
 
 
-def lr_factor(step: int, *, total_steps: int, warmup: int, kind: str, min_ratio: float) -> float:
-    """Multiplier on the base lr after ``step`` optimizer steps: linear warmup, then decay to min_ratio."""
+def lr_factor(step: int, *, total_steps: int, warmup: int, kind: str, min_ratio: float, hold: int = 0) -> float:
+    """Multiplier on the base lr after ``step`` optimizer steps: 0 for ``hold`` steps (the weights do not
+    move, weight decay included), then linear warmup, then decay to min_ratio over the remaining steps."""
+    if step < hold:
+        return 0.0
+    step, total_steps = step - hold, total_steps - hold
     if warmup and step < warmup:
         return (step + 1) / warmup
     if kind == "constant":
@@ -77,7 +81,8 @@ def build_scheduler(optimizer, optim_cfg, total_steps: int) -> torch.optim.lr_sc
 
     def factor(step: int) -> float:
         return lr_factor(
-            step, total_steps=total_steps, warmup=warm, kind=optim_cfg.scheduler, min_ratio=optim_cfg.min_lr_ratio
+            step, total_steps=total_steps, warmup=warm, kind=optim_cfg.scheduler, min_ratio=optim_cfg.min_lr_ratio,
+            hold=optim_cfg.hold_steps,
         )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

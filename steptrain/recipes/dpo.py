@@ -223,7 +223,7 @@ def run(cfg) -> dict:
                 references = {name: ref for name in splits}
         tasks = {name: DPOTask(cfg, b, engine, audio_ids, references[name]) for name, b in splits.items()}
 
-        def on_prepared(_model) -> None:  # before any update and before a resume loads trained weights
+        def on_prepared(_model, _steps) -> None:  # before any update and before a resume loads trained weights
             if o.loss not in REFERENCE_FREE and o.reference == "precompute":
                 tables = precomputed_reference(cfg, engine, splits, audio_ids)
                 for name, task in tasks.items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
@@ -72,6 +73,14 @@ class GRPOTask:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def batch(self, rows):
+        batch = self.rollout(rows)
+        batch["advantages"] = group_advantages(batch["reward_totals"], self.group, self.cfg.objective.advantage)
+        if self.cfg.objective.kl_beta > 0:
+            batch["ref_logps"] = self.logps(self.ref_logits, batch)
+        return batch
+
+    def rollout(self, rows) -> dict:
+        """Sample a group per prompt, score it, collate prompt + completion rows (only completions trained)."""
         prompts = [self.prompts[i] for row in rows for i in row for _ in range(self.group)]
         completions = self.complete(prompts, self.sampling)
         scores = self.rewards([self.decode(c) for c in completions], [p.row for p in prompts])
@@ -89,7 +98,6 @@ class GRPOTask:
             weights = weights / mask.sum(1, keepdim=True).clamp(min=1)
         grouped = totals.view(-1, self.group)
         batch |= {
-            "advantages": group_advantages(totals, self.group, self.cfg.objective.advantage),
             "loss_weights": weights,
             "completion_mask": mask,
             "rewards": torch.tensor(scores, dtype=torch.float64).view(len(prompts), -1),
@@ -97,11 +105,14 @@ class GRPOTask:
             "truncated": truncated,
             "zero_std_groups": (grouped.max(1).values == grouped.min(1).values).double(),
         }
-        if self.cfg.objective.kl_beta > 0:
-            on_device = {k: v.to(self.engine.device) for k, v in batch.items() if v is not None}
-            logits = self.ref_logits(on_device)
-            batch["ref_logps"] = -token_nll(logits[:, :-1], on_device["labels"][:, 1:]).cpu()
         return batch
+
+    def logps(self, logits_fn, batch) -> torch.Tensor:
+        """Per-token log-probs ``[B, T-1]`` of the batch's targets under ``logits_fn`` (no gradient), on CPU."""
+        on_device = {k: v.to(self.engine.device) for k, v in batch.items() if v is not None}
+        with torch.no_grad():
+            logits = logits_fn(on_device)
+            return -token_nll(logits[:, :-1], on_device["labels"][:, 1:]).cpu()
 
     def count(self, batch) -> float:
         return float(batch["loss_weights"].sum())
@@ -125,7 +136,8 @@ class GRPOTask:
             weights.sum().double().cpu(), r.sum().cpu(), (r * r).sum().cpu(), mask.sum().cpu(),
             batch["truncated"].sum().cpu(), batch["zero_std_groups"].sum().cpu(),
             torch.tensor(float(len(batch["zero_std_groups"])), dtype=torch.float64),
-            (parts["kl"].double() * mask).sum().cpu(), (parts["clipped"].double() * mask).sum().cpu(),
+            (batch.get("token_kl", parts["kl"]).double() * mask).sum().cpu(),
+            (parts["clipped"].double() * mask).sum().cpu(),
         ])
         return loss_sum, torch.cat([stats, batch["rewards"].sum(0).cpu()])
 
@@ -167,32 +179,42 @@ class GRPOTask:
         return out
 
 
+@dataclass
+class RLSetup:
+    tokenizer: object
+    prompts: list[RLPrompt]
+    held_out: list[RLPrompt]
+    rewards: Rewards
+    features: object  # clip -> log-mel features for speech prompts, else None
+
+
+def setup(cfg, engine) -> RLSetup:
+    """Tokenizer, train and held-out prompts, reward functions: what every online-RL recipe starts from."""
+    tokenizer = load_tokenizer(cfg.model)
+    rows, skipped = read_rows(list(cfg.data.train_files), on_error=cfg.data.on_error,
+                              check=lambda row: validate_row(row, need_reply=False))
+    train_rows, eval_rows = split_eval(cfg, rows)
+    audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
+    prompts, left_out = load_prompts(train_rows, tokenizer, cfg, audio)
+    held_out, _ = load_prompts(eval_rows, tokenizer, cfg, audio) if eval_rows else ([], None)
+    if cfg.trainer.generate_eval:
+        held_out = held_out[: cfg.trainer.generate_eval]
+    if engine.is_main:
+        log.info("prompts: %d train (left out: %s), %d eval", len(prompts), dict(left_out + Counter(skipped)),
+                 len(held_out))
+    rewards = build_rewards(cfg, engine.device, tokenizer)
+    return RLSetup(tokenizer, prompts, held_out, rewards, clip_features if audio else None)
+
+
 def run(cfg) -> dict:
     """Train according to ``cfg``; returns the last train and eval metrics."""
     engine = build_engine(cfg.engine, cfg.trainer, cfg.optim)
     try:
         start_run(cfg, engine)
-        tokenizer = load_tokenizer(cfg.model)
-        rows, skipped = read_rows(list(cfg.data.train_files), on_error=cfg.data.on_error,
-                                  check=lambda row: validate_row(row, need_reply=False))
-        train_rows, eval_rows = split_eval(cfg, rows)
-        audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
-        features = clip_features if audio else None
-        prompts, left_out = load_prompts(train_rows, tokenizer, cfg, audio)
-        held_out, _ = load_prompts(eval_rows, tokenizer, cfg, audio) if eval_rows else ([], None)
-        if cfg.trainer.generate_eval:
-            held_out = held_out[: cfg.trainer.generate_eval]
-        if engine.is_main:
-            log.info("prompts: %d train (left out: %s), %d eval", len(prompts), dict(left_out + Counter(skipped)),
-                     len(held_out))
-        rewards = build_rewards(cfg, engine.device, tokenizer)
-        model = build_model(cfg, engine, tokenizer)
-        ref = reference_logits(cfg, engine, tokenizer) if cfg.objective.kl_beta > 0 else None
-        task = GRPOTask(cfg, engine, prompts, tokenizer, rewards, ref, features, stop_ids(model, tokenizer))
-
-        def evaluate() -> dict:
-            return task.evaluate(held_out) if held_out else {}
-
-        return train(cfg, engine, task, model, evaluate)
+        s = setup(cfg, engine)
+        model = build_model(cfg, engine, s.tokenizer)
+        ref = reference_logits(cfg, engine, s.tokenizer) if cfg.objective.kl_beta > 0 else None
+        task = GRPOTask(cfg, engine, s.prompts, s.tokenizer, s.rewards, ref, s.features, stop_ids(model, s.tokenizer))
+        return train(cfg, engine, task, model, lambda: task.evaluate(s.held_out) if s.held_out else {})
     finally:
         engine.close()

@@ -77,6 +77,9 @@ class Task(Protocol):
 
     # Optional: ``tokens(batch) -> int``, the real (non-padding) tokens of a collated batch, when they are
     # more than the examples' ``lengths`` (RL batches hold the generated completions too).
+    # Optional: ``companions: dict[str, Engine]``, engines trained alongside (a PPO critic), saved and
+    # resumed with every checkpoint; and ``after_step(batches) -> dict``, run after each optimizer step
+    # (the companions' own updates), whose metrics join the step's.
 
 
 def evaluate_task(engine, task: Task, batch_size: int) -> dict:
@@ -160,8 +163,9 @@ def build_model(cfg, engine, tokenizer):
 def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False, on_prepared=None) -> dict:
     """Run the optimizer-step loop; ``evaluate()`` returns held-out metrics (all ranks call it).
 
-    ``on_prepared(model)`` runs once the engine holds the model and before a resume loads trained
-    weights: the place for work that needs the initial model (e.g. reference log-probs).
+    ``on_prepared(model, total_steps)`` runs once the engine holds the model and before a resume loads
+    trained weights: the place for work that needs the initial model (e.g. reference log-probs) or the
+    run's length (a companion engine's schedule).
     """
     out = Path(cfg.output_dir)
     per_step = cfg.trainer.grad_accum * engine.data_world
@@ -174,14 +178,15 @@ def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False, on
     steps = cfg.trainer.max_steps or sum(plans.steps_in(e) for e in range(cfg.trainer.epochs))
     model, _, _ = engine.prepare(model, param_groups(model, cfg.optim), cfg.optim, steps)
     if on_prepared is not None:
-        on_prepared(model)
+        on_prepared(model, steps)
     model.train()
     seed_everything(cfg.trainer.seed + engine.rank)  # same init everywhere, independent dropout per rank
 
+    companions = getattr(task, "companions", {})
     state = {"step": 0, "epoch": 0, "cursor": 0, "tokens_seen": 0, "world_size": engine.data_world}
     ckpt = resolve_resume(cfg.resume, out)
     if ckpt is not None:
-        state = load_checkpoint(engine, ckpt)
+        state = load_checkpoint(engine, ckpt, companions)
         if state["world_size"] != engine.data_world and engine.is_main:
             log.warning("resuming with %d data-parallel replicas from %d: data order continues, bit-exactness does not",
                         engine.data_world, state["world_size"])
@@ -192,7 +197,7 @@ def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False, on
     done = {"saved": state["step"] if ckpt is not None else -1, "evaluated": -1}
 
     def checkpoint() -> None:
-        save_checkpoint(engine, out, state["step"], state, cfg, cfg.trainer.keep_last)
+        save_checkpoint(engine, out, state["step"], state, cfg, cfg.trainer.keep_last, companions)
         done["saved"] = state["step"]
 
     def evaluate_now() -> dict:
@@ -241,6 +246,7 @@ def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False, on
                 )
             lr = float(cfg.optim.lr) * engine.lr_factor()  # the lr this step applies
             grad_norm = engine.step()
+            step_metrics |= task.after_step(batches) if hasattr(task, "after_step") else {}
             state["step"] += 1
             state["cursor"] += per_step
             state["tokens_seen"] += real_tokens

@@ -28,7 +28,7 @@ class Sampling:
         neutral = {"num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "typical_p": 1.0,
                    "min_new_tokens": 0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
         if self.temperature == 0:
-            return {**neutral, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+            return {**neutral, "do_sample": False}  # sampling knobs do not apply to greedy decoding
         return {**neutral, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
 
 
