@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from steptrain.models.forward import lm_logits
+from steptrain.models.forward import eval_mode, lm_logits
 
 
 class Engine(ABC):
@@ -135,18 +135,13 @@ class Engine(ABC):
     @torch.no_grad()
     def forward_only(self, batches: list[dict], score, forward=lm_logits) -> list:
         """``score(output, batch)`` of every batch in eval mode without gradients, on every rank."""
-        model = self.module
-        was_training = model.training
-        model.eval()
-        try:
-            out = []
+        out = []
+        with eval_mode(self.module) as model:
             for batch in batches:
                 with self.autocast():
                     output = forward(model, batch)
                 out.append(score(output, batch))
-            return out
-        finally:
-            model.train(was_training)
+        return out
 
     @abstractmethod
     def step(self) -> float:

@@ -44,7 +44,7 @@ from steptrain.engines.process_group import OPS, ProcessGroupCollectives, one_pr
 from steptrain.engines.single import resolve_device
 from steptrain.engines.torch_engine import SCHEDULER, WEIGHTS
 from steptrain.models import megatron_bridge as bridge
-from steptrain.models.forward import lm_logits
+from steptrain.models.forward import eval_mode, lm_logits
 from steptrain.models.megatron_lora import hf_targets, peft_name, wrap_layer
 
 log = logging.getLogger(__name__)
@@ -385,15 +385,11 @@ class MegatronEngine(ProcessGroupCollectives, Engine):
             raise ConfigError("engine=megatron runs causal-LM tasks (SFT, DPO); this recipe's model is not one")
         if not batches:
             return []
-        was_training = self.module.training
-        self.module.eval()
-        try:
+        with eval_mode(self.module):
             return [
                 r.detach() if isinstance(r, torch.Tensor) else tuple(t.detach() for t in r)
                 for r in self._run(batches, score, forward_only=True)
             ]
-        finally:
-            self.module.train(was_training)
 
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError("engine=megatron runs backward inside forward_backward (the pipeline schedule)")

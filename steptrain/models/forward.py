@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -21,3 +23,15 @@ def lm_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         use_cache=False,
         **audio,
     ).logits
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode (no dropout) inside the block, its previous mode restored after: scoring,
+    generation and reference passes of a model that is being trained."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 from steptrain.engines import build_engine
 from steptrain.engines.optim import param_groups
+from steptrain.models.forward import eval_mode
 from steptrain.models.loader import DTYPES
 from steptrain.objectives.rl import clipped_value_loss, gae, token_rewards, whiten
 from steptrain.recipes.grpo import GRPOTask, setup
@@ -101,26 +102,14 @@ class PPOTask(GRPOTask):
 
     def policy_logits(self, batch):
         """The policy that sampled (eval mode, no dropout): pi_old of the KL penalty."""
-        model = self.engine.module
-        was_training = model.training
-        model.eval()
-        try:
-            with self.engine.autocast():
-                return self.forward(model, batch)
-        finally:
-            model.train(was_training)
+        with eval_mode(self.engine.module) as model, self.engine.autocast():
+            return self.forward(model, batch)
 
     def rollout_values(self, batch) -> torch.Tensor:
         """The critic's values of the completion tokens ``[B, T-1]`` at rollout time (eval mode, no gradient)."""
-        model = self.critic.module
         on_device = {k: v.to(self.critic.device) for k, v in batch.items() if v is not None}
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), self.critic.autocast():
-                return critic_values(model, on_device)[:, :-1].double().cpu()
-        finally:
-            model.train(was_training)
+        with eval_mode(self.critic.module) as model, torch.no_grad(), self.critic.autocast():
+            return critic_values(model, on_device)[:, :-1].double().cpu()
 
     def value_score(self, values, batch):
         mask = batch["completion_mask"]

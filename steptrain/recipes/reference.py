@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from omegaconf import OmegaConf
 
-from steptrain.models.forward import lm_logits
+from steptrain.models.forward import eval_mode, lm_logits
 from steptrain.models.loader import load_model
 
 
@@ -21,14 +21,8 @@ def reference_logits(cfg, engine, tokenizer) -> Callable[[dict], torch.Tensor]:
     if cfg.objective.reference == "adapter_off":
 
         def adapter_off(batch):
-            model = engine.module
-            was_training = model.training
-            model.eval()
-            try:
-                with torch.no_grad(), model.disable_adapter(), engine.autocast():
-                    return lm_logits(model, batch)
-            finally:
-                model.train(was_training)
+            with eval_mode(engine.module) as model, torch.no_grad(), model.disable_adapter(), engine.autocast():
+                return lm_logits(model, batch)
 
         return adapter_off
     ref_cfg = OmegaConf.merge(cfg.model, {"path": cfg.objective.ref_model_path, "preset": None, "llm_path": None})

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from steptrain.data.batching import pad_clip_features
+from steptrain.models.forward import eval_mode
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,8 @@ def generate_ids(
     same number of prompts and keeps stepping until all ranks finish (ZeRO-3).
     """
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     outputs: list[list[int]] = []
-    try:
+    with eval_mode(model):
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             width = max(len(e) for e in chunk)
@@ -93,8 +92,6 @@ def generate_ids(
             for row in out[:, width:].tolist():
                 end = next((k for k, t in enumerate(row) if t in eos_ids), len(row) - 1)
                 outputs.append(row[: end + 1])
-    finally:
-        model.train(was_training)
     return outputs
 
 
