@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib.metadata
+import json
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -194,7 +199,6 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATA
 def run_in_worker(script: str, tag: str, spec: dict, work: Path) -> dict:
     """Run ``script --worker SPEC`` in a fresh process (one contender, its own threads and imports) and
     return the result JSON it writes, plus wall time and the load average at start."""
-    import json
     import sys
 
     spec_path = work / f"{tag}.spec.json"
@@ -216,8 +220,6 @@ def run_in_worker(script: str, tag: str, spec: dict, work: Path) -> dict:
 
 def worker_main(spec_path: str, workers: dict) -> None:
     """The ``--worker`` side: run ``workers[spec["framework"]](spec)`` with the spec's thread count."""
-    import json
-
     spec = json.loads(Path(spec_path).read_text())
     repo_on_path()
     import torch
@@ -231,8 +233,6 @@ def worker_main(spec_path: str, workers: dict) -> None:
 
 def write_results(res: dict, out: Path, block: str, readme: Path | None, start: str, end: str) -> None:
     """Results JSON to ``out``, the Markdown block to stdout and (``readme`` given) into the README."""
-    import json
-
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print()
@@ -271,6 +271,102 @@ def timed_window(steps: list[dict], warmup: int, name: str) -> tuple[list[dict],
         raise RuntimeError(f"{name}: only {len(steps)} steps recorded, warmup is {warmup}")
     timed = steps[warmup:]
     return timed, timed[-1]["t_end"] - steps[warmup - 1]["t_end"]
+
+
+# --- driver command line and report (bench/sft.py, bench/dpo.py, bench/grpo.py) ----------------------------
+
+
+def driver_parser(doc: str, quick: dict, full: dict, quick_note: str = "") -> argparse.ArgumentParser:
+    """The parser of a benchmark driver with the options every driver starts with: --quick (the ``quick``
+    settings), --steps and --warmup (defaults from ``full``, filled in by :func:`resolve_settings`)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"smoke run{quick_note}: " + json.dumps(quick))
+    p.add_argument("--steps", type=int, help=f"timed optimizer steps per contender (default {full['steps']})")
+    p.add_argument("--warmup", type=int, help=f"untimed steps before them, >= 1 (default {full['warmup']})")
+    return p
+
+
+def add_round_options(p: argparse.ArgumentParser, full: dict, contenders: dict, threads_also: str = "") -> None:
+    """--rounds, --threads (torch threads per contender, ``threads_also`` naming what else uses them) and
+    --only of the drivers that run their contenders in ABBA rounds."""
+    p.add_argument("--rounds", type=int,
+                   help=f"runs per contender, in ABBA order; the best is reported (default {full['rounds']})")
+    p.add_argument("--threads", type=int, default=0,
+                   help=f"torch threads per contender{threads_also} (default 0: every usable core); on a "
+                        "machine shared with other work, 1 is far steadier (see bench/README.md)")
+    add_only_option(p, contenders)
+
+
+def add_only_option(p: argparse.ArgumentParser, contenders: dict) -> None:
+    """--only: the contenders to run (read by :func:`chosen_contenders`)."""
+    p.add_argument("--only", help="comma-separated subset of: " + ", ".join(contenders))
+
+
+def add_output_options(p: argparse.ArgumentParser, seed: int, results: Path, section: str = "",
+                       work_dir_help: str = "keep data, model, logs and metrics.jsonl here (default: temp dir)"
+                       ) -> None:
+    """--seed, --out (default ``results``), --work-dir, --update-readme (of the ``section`` results block of
+    bench/README.md) and the hidden --worker."""
+    p.add_argument("--seed", type=int, default=seed)
+    p.add_argument("--out", type=Path, default=results, help=f"results JSON (default {results.relative_to(ROOT)})")
+    p.add_argument("--work-dir", type=Path, help=work_dir_help)
+    p.add_argument("--update-readme", action="store_true",
+                   help=f"rewrite the {section + ' ' if section else ''}results block of bench/README.md")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def resolve_settings(p: argparse.ArgumentParser, args: argparse.Namespace, quick: dict, full: dict) -> None:
+    """Fill the settings not given from ``quick`` (--quick) or ``full`` and check that --warmup, --steps (and
+    --rounds, where the driver has it) are >= 1."""
+    base = quick if args.quick else full
+    for key, default in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    counted = ["--warmup", "--steps"] + (["--rounds"] if "rounds" in base else [])
+    if any(getattr(args, name[2:]) < 1 for name in counted):
+        listed = ", ".join(counted[:-1]) + " and " + counted[-1]
+        p.error(f"{listed} must be >= 1 (the timed window starts at the end of the last warmup step)")
+
+
+def chosen_contenders(p: argparse.ArgumentParser, only: str | None, contenders: dict) -> list[str]:
+    """The contenders --only names (all of them without it); an unknown name is a usage error."""
+    names = only.split(",") if only else list(contenders)
+    unknown = [n for n in names if n not in contenders]
+    if unknown:
+        p.error(f"unknown contender(s) {unknown}; valid: {', '.join(contenders)}")
+    return names
+
+
+@contextlib.contextmanager
+def work_dir(keep: Path | None, prefix: str):
+    """The directory a driver builds its data, model and runs in: ``keep`` (--work-dir), left in place, or
+    a temporary one (named ``prefix``...), deleted at the end."""
+    work = keep or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+    finally:
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def readme_head(res: dict, load_at_end: bool = True) -> list[str]:
+    """The first lines of a driver's README block: smoke or full run, the machine (load average at the start
+    and, with ``load_at_end``, at the end) and the versions."""
+    m, v = res["machine"], res["versions"]
+    kind = ("**Smoke run (`--quick`): tiny step counts on a shared machine, not a measurement; to be replaced by "
+            "a full run.**" if res["settings"]["quick"] else "Full run.")
+    load = f"load average at start {', '.join(f'{x:.2f}' for x in m['load_avg_at_start'] or [])}"
+    if load_at_end:
+        load += f", at end {', '.join(f'{x:.2f}' for x in res.get('load_avg_at_end') or [])}"
+    return [
+        kind,
+        "",
+        f"Machine: {m['cpu_model']}, {m['cores_usable']} usable cores ({', '.join(m['simd']) or 'no SIMD flags'}), "
+        f"{m['memory_gib']} GiB; {load}.",
+        f"Versions: steptrain {v['steptrain']} ({v['steptrain_git']}), torch {v['torch']}, transformers "
+        f"{v['transformers']}, trl {v['trl']}, accelerate {v['accelerate']}, datasets {v['datasets']}.",
+    ]
 
 
 # --- worker-side instrumentation (inside a contender's process) -------------------------------------------
@@ -319,8 +415,6 @@ def clock_steptrain_steps(on_step) -> None:
 
 def steptrain_train_metrics(out_dir: str | Path) -> list[dict]:
     """The training-step records of a steptrain run's ``metrics.jsonl``, in order."""
-    import json
-
     lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in (json.loads(line) for line in lines if line.strip()) if is_train_record(r)]
 
@@ -339,3 +433,76 @@ def trl_step_clock(steps: list[dict], counts: StepCounts, records: dict[int, dic
                 records[state.global_step] = dict(logs)
 
     return StepClock()
+
+
+def steptrain_config(overrides: list[str]):
+    """steptrain's config from ``overrides``, with INFO logging to stderr (the worker's log)."""
+    import logging
+
+    from steptrain.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return load_config(overrides)
+
+
+def steptrain_optim_overrides(lr: float, scheduler: str) -> list[str]:
+    """AdamW at ``lr`` with ``scheduler``: no warmup, no weight decay, clipping at 1.0."""
+    return [
+        f"optim.lr={lr}",
+        f"optim.scheduler={scheduler}",
+        "optim.warmup_ratio=0.0",
+        "optim.warmup_steps=0",
+        "optim.weight_decay=0.0",
+        "optim.max_grad_norm=1.0",
+    ]
+
+
+# The end of every steptrain worker's overrides: on the CPU, from scratch, no progress bar or loggers.
+STEPTRAIN_CPU_OVERRIDES = [
+    "engine.device=cpu",
+    "resume=none",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "logging.plot=false",
+    "logging.wandb=disabled",
+]
+
+
+def trl_inputs(spec: dict) -> tuple:
+    """What a TRL worker trains on: the dataset (the JSON rows of ``spec["trl_data_file"]``), the tokenizer
+    (with its own Step Jinja chat template) and the fp32 SDPA model of ``spec["model_dir"]``."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with open(spec["trl_data_file"]) as f:
+        dataset = Dataset.from_list([json.loads(line) for line in f if line.strip()])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
+    return dataset, tokenizer, model
+
+
+def trl_optim_options(lr: float, scheduler: str) -> dict:
+    """The TRL arguments matching :func:`steptrain_optim_overrides`."""
+    return {
+        "learning_rate": lr,
+        "lr_scheduler_type": scheduler,
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+    }
+
+
+# fp32 on the CPU, without activation checkpointing (TRL's default for both is on).
+TRL_CPU_FP32_OPTIONS = {"bf16": False, "fp16": False, "activation_checkpointing": False, "use_cpu": True}
+
+# Log every step; no checkpoints, evaluation, reporting, progress bar or dataloader workers.
+TRL_RUN_OPTIONS = {
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "report_to": "none",
+    "disable_tqdm": True,
+    "dataloader_num_workers": 0,
+    "dataloader_pin_memory": False,
+}

@@ -42,25 +42,30 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from common import (
     ROOT,
+    add_output_options,
+    add_round_options,
+    chosen_contenders,
+    driver_parser,
     fmt,
     machine_info,
     markdown_table,
     model_facts,
     peak_matmul_flops,
+    readme_head,
     repo_on_path,
+    resolve_settings,
     run_rounds,
     timed_window,
     usable_cores,
     versions,
+    work_dir,
     worker_main,
     write_results,
 )
@@ -287,17 +292,9 @@ def ratios(by_name: dict) -> dict:
 
 
 def readme_block(res: dict) -> str:
-    m, v, s, pk = res["machine"], res["versions"], res["settings"], res["peak_matmul"]
-    kind = ("**Smoke run (`--quick`): tiny step counts on a shared machine, not a measurement; to be replaced by "
-            "a full run.**" if s["quick"] else "Full run.")
+    s, pk = res["settings"], res["peak_matmul"]
     lines = [
-        kind,
-        "",
-        f"Machine: {m['cpu_model']}, {m['cores_usable']} usable cores ({', '.join(m['simd']) or 'no SIMD flags'}), "
-        f"{m['memory_gib']} GiB; load average at start {', '.join(f'{x:.2f}' for x in m['load_avg_at_start'] or [])}"
-        f", at end {', '.join(f'{x:.2f}' for x in res.get('load_avg_at_end') or [])}.",
-        f"Versions: steptrain {v['steptrain']} ({v['steptrain_git']}), torch {v['torch']}, transformers "
-        f"{v['transformers']}, trl {v['trl']}, accelerate {v['accelerate']}, datasets {v['datasets']}.",
+        *readme_head(res),
         f"Peak fp32 matmul ({pk['size']}x{pk['size']}, {pk['threads']} thread(s)): {pk['before'] / 1e9:.1f} GFLOP/s "
         f"before the contenders, {pk['after'] / 1e9:.1f} after; MFU uses the better one.",
         f"Settings: {s['pairs']} pairs, {s['pairs_per_step']} pairs/step, max_length {s['max_length']}, "
@@ -313,10 +310,7 @@ def readme_block(res: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: " + json.dumps(QUICK))
-    p.add_argument("--steps", type=int, help=f"timed optimizer steps per contender (default {FULL['steps']})")
-    p.add_argument("--warmup", type=int, help=f"untimed steps before them, >= 1 (default {FULL['warmup']})")
+    p = driver_parser(__doc__, QUICK, FULL)
     p.add_argument("--pairs-per-step", type=int, help=f"pairs per optimizer step (default {FULL['pairs_per_step']})")
     p.add_argument("--max-length", type=int, help=f"max tokens per sequence (default {FULL['max_length']})")
     p.add_argument("--pairs", type=int,
@@ -326,39 +320,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="same: both read the pairs in file order (same batches, comparable loss curves); default: "
                         "each framework's own sampler (steptrain shuffled group_by_length, TRL random)")
     p.add_argument("--matmul-size", type=int, help=f"square matmul for peak FLOP/s (default {FULL['matmul_size']})")
-    p.add_argument("--rounds", type=int,
-                   help=f"runs per contender, in ABBA order; the best is reported (default {FULL['rounds']})")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per contender and for the peak matmul (default 0: every usable core); on a "
-                        "machine shared with other work, 1 is far steadier (see bench/README.md)")
-    p.add_argument("--only", help="comma-separated subset of: " + ", ".join(CONTENDERS))
+    add_round_options(p, FULL, CONTENDERS, threads_also=" and for the peak matmul")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS.relative_to(ROOT)})")
-    p.add_argument("--work-dir", type=Path, help="keep data, model, logs and metrics.jsonl here (default: temp dir)")
-    p.add_argument("--update-readme", action="store_true", help="rewrite the DPO results block of bench/README.md")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    add_output_options(p, seed=0, results=RESULTS, section="DPO")
     args = p.parse_args(argv)
     if args.worker:
         return args
-    base = QUICK if args.quick else FULL
-    for key, default in base.items():
-        if getattr(args, key) is None:
-            setattr(args, key, default)
-    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
-        p.error("--warmup, --steps and --rounds must be >= 1 (the timed window starts at the end of the last "
-                "warmup step)")
+    resolve_settings(p, args, QUICK, FULL)
     needed = (args.warmup + args.steps) * args.pairs_per_step
     if args.pairs is None:
         args.pairs = needed
     elif args.pairs < needed:
         p.error(f"--pairs {args.pairs} < (warmup + steps) x pairs-per-step = {needed}")
-    names = args.only.split(",") if args.only else list(CONTENDERS)
-    unknown = [n for n in names if n not in CONTENDERS]
-    if unknown:
-        p.error(f"unknown contender(s) {unknown}; valid: {', '.join(CONTENDERS)}")
-    args.contenders = names
+    args.contenders = chosen_contenders(p, args.only, CONTENDERS)
     return args
 
 
@@ -379,9 +354,7 @@ def main(argv=None) -> int:
            "machine": machine_info(), "versions": versions()}
     print(f"machine: {res['machine']['cpu_model']}, {threads} torch threads; torch {torch.__version__}", flush=True)
 
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="steptrain-bench-dpo-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_dir(args.work_dir, "steptrain-bench-dpo-") as work:
         assets = prepare(work, args.pairs, args.seed)
         res["model"] = assets["model"]
         print(f"data: {args.pairs} pairs; model {assets['model']['n_params']:,} params "
@@ -407,9 +380,6 @@ def main(argv=None) -> int:
         res["failures"] = failures
         res["load_avg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         res["total_wall_s"] = time.perf_counter() - t_start
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work, ignore_errors=True)
 
     write_results(res, args.out, readme_block(res), README if args.update_readme else None, README_START, README_END)
     return 1 if failures else 0

@@ -4,11 +4,22 @@ model and to time the training steps and the reference precompute separately."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from common import StepCounts, clock_steptrain_steps, steptrain_train_metrics, trl_step_clock
+from common import (
+    STEPTRAIN_CPU_OVERRIDES,
+    TRL_CPU_FP32_OPTIONS,
+    TRL_RUN_OPTIONS,
+    StepCounts,
+    clock_steptrain_steps,
+    steptrain_config,
+    steptrain_optim_overrides,
+    steptrain_train_metrics,
+    trl_inputs,
+    trl_optim_options,
+    trl_step_clock,
+)
 
 # --- workers (one subprocess per contender) ---------------------------------------------------------------
 
@@ -37,34 +48,20 @@ def _steptrain_overrides(spec: dict) -> list[str]:
         "objective.loss=sigmoid",
         f"objective.beta={spec['beta']}",
         "objective.reference=precompute",
-        f"optim.lr={spec['lr']}",
-        "optim.scheduler=cosine",
-        "optim.warmup_ratio=0.0",
-        "optim.warmup_steps=0",
-        "optim.weight_decay=0.0",
-        "optim.max_grad_norm=1.0",
-        "engine.device=cpu",
-        "resume=none",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-        "logging.plot=false",
-        "logging.wandb=disabled",
+        *steptrain_optim_overrides(spec["lr"], "cosine"),
+        *STEPTRAIN_CPU_OVERRIDES,
     ]
 
 
 def worker_steptrain(spec: dict) -> dict:
-    import logging
-
     import torch
     from safetensors.torch import load_file
 
     import steptrain.recipes.dpo as dpo
     import steptrain.recipes.pairs as run_pairs
-    from steptrain.config import load_config
 
     overrides = _steptrain_overrides(spec)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(overrides)
+    cfg = steptrain_config(overrides)
     counts, steps, timing, encoded = _counts(), [], {}, {}
     batch, shared_batch, precomputed, load_data = (
         dpo.PairBatches.batch, dpo.SharedPromptBatches.batch, dpo.precomputed_reference, run_pairs.load_preference_data)
@@ -135,27 +132,15 @@ def worker_steptrain(spec: dict) -> dict:
 
 def worker_trl(spec: dict) -> dict:
     import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    with open(spec["trl_data_file"]) as f:
-        dataset = Dataset.from_list([json.loads(line) for line in f if line.strip()])
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])  # its own Step Jinja chat template
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
+    dataset, tokenizer, model = trl_inputs(spec)
     options = {
         "max_steps": spec["max_steps"],
         "per_device_train_batch_size": spec["pairs_per_step"],
         "gradient_accumulation_steps": 1,
-        "learning_rate": spec["lr"],
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 0,
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "bf16": False,  # TRL's default is on
-        "fp16": False,
-        "activation_checkpointing": False,  # TRL's default is on
-        "use_cpu": True,
+        **trl_optim_options(spec["lr"], "cosine"),
+        **TRL_CPU_FP32_OPTIONS,
         "seed": spec["seed"],
         "max_length": spec["max_length"],
         "loss_type": ["sigmoid"],
@@ -163,13 +148,7 @@ def worker_trl(spec: dict) -> dict:
         "precompute_ref_log_probs": True,
         "precompute_ref_batch_size": spec["pairs_per_step"],
         "train_sampling_strategy": "sequential" if spec["order"] == "same" else "random",
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "report_to": "none",
-        "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-        "dataloader_pin_memory": False,
+        **TRL_RUN_OPTIONS,
     }
     args = DPOConfig(output_dir=spec["out_dir"], **options)
     counts, steps, records, timing = _counts(), [], {}, {}

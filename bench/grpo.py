@@ -42,24 +42,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from common import (
     ROOT,
+    add_output_options,
+    add_round_options,
+    chosen_contenders,
+    driver_parser,
     fmt,
     machine_info,
     markdown_table,
     model_facts,
+    readme_head,
     repo_on_path,
+    resolve_settings,
     run_rounds,
     timed_window,
     usable_cores,
     versions,
+    work_dir,
     worker_main,
     write_results,
 )
@@ -257,17 +262,9 @@ def tables(res: dict) -> str:
 
 
 def readme_block(res: dict) -> str:
-    m, v, s = res["machine"], res["versions"], res["settings"]
-    kind = ("**Smoke run (`--quick`): tiny step counts on a shared machine, not a measurement; to be replaced by "
-            "a full run.**" if s["quick"] else "Full run.")
+    s = res["settings"]
     lines = [
-        kind,
-        "",
-        f"Machine: {m['cpu_model']}, {m['cores_usable']} usable cores ({', '.join(m['simd']) or 'no SIMD flags'}), "
-        f"{m['memory_gib']} GiB; load average at start {', '.join(f'{x:.2f}' for x in m['load_avg_at_start'] or [])}"
-        f", at end {', '.join(f'{x:.2f}' for x in res.get('load_avg_at_end') or [])}.",
-        f"Versions: steptrain {v['steptrain']} ({v['steptrain_git']}), torch {v['torch']}, transformers "
-        f"{v['transformers']}, trl {v['trl']}, accelerate {v['accelerate']}, datasets {v['datasets']}.",
+        *readme_head(res),
         f"Settings: {s['prompts_per_step']} prompts x {s['num_generations']} completions per step, max_new_tokens "
         f"{s['max_new_tokens']}, {s['warmup']} warmup + {s['steps']} timed steps, {s['rounds']} round(s) per "
         f"contender (ABBA order, best reported), order {s['order']}, lr {s['lr']}, "
@@ -280,10 +277,7 @@ def readme_block(res: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: " + json.dumps(QUICK))
-    p.add_argument("--steps", type=int, help=f"timed optimizer steps per contender (default {FULL['steps']})")
-    p.add_argument("--warmup", type=int, help=f"untimed steps before them, >= 1 (default {FULL['warmup']})")
+    p = driver_parser(__doc__, QUICK, FULL)
     p.add_argument("--prompts-per-step", type=int,
                    help=f"prompts per optimizer step, each sampled num-generations times (default "
                         f"{FULL['prompts_per_step']})")
@@ -292,36 +286,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--order", default="same", choices=["same", "default"],
                    help="same: both roll out the prompts in file order (the same prompts at every step); default: "
                         "each framework's own sampler (steptrain shuffled group_by_length, TRL shuffled)")
-    p.add_argument("--rounds", type=int,
-                   help=f"runs per contender, in ABBA order; the best is reported (default {FULL['rounds']})")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per contender (default 0: every usable core); on a machine shared with "
-                        "other work, 1 is far steadier (see bench/README.md)")
-    p.add_argument("--only", help="comma-separated subset of: " + ", ".join(CONTENDERS))
+    add_round_options(p, FULL, CONTENDERS)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS.relative_to(ROOT)})")
-    p.add_argument("--work-dir", type=Path, help="keep data, model, logs and metrics.jsonl here (default: temp dir)")
-    p.add_argument("--update-readme", action="store_true", help="rewrite the GRPO results block of bench/README.md")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    add_output_options(p, seed=0, results=RESULTS, section="GRPO")
     args = p.parse_args(argv)
     if args.worker:
         return args
-    base = QUICK if args.quick else FULL
-    for key, default in base.items():
-        if getattr(args, key) is None:
-            setattr(args, key, default)
-    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
-        p.error("--warmup, --steps and --rounds must be >= 1 (the timed window starts at the end of the last "
-                "warmup step)")
+    resolve_settings(p, args, QUICK, FULL)
     if args.num_generations < 2 or args.prompts_per_step < 1 or args.max_new_tokens < 1:
         p.error("--num-generations must be >= 2, --prompts-per-step and --max-new-tokens >= 1")
     args.prompts = (args.warmup + args.steps) * args.prompts_per_step  # one epoch: every prompt rolled out once
-    names = args.only.split(",") if args.only else list(CONTENDERS)
-    unknown = [n for n in names if n not in CONTENDERS]
-    if unknown:
-        p.error(f"unknown contender(s) {unknown}; valid: {', '.join(CONTENDERS)}")
-    args.contenders = names
+    args.contenders = chosen_contenders(p, args.only, CONTENDERS)
     return args
 
 
@@ -342,9 +317,7 @@ def main(argv=None) -> int:
            "machine": machine_info(), "versions": versions()}
     print(f"machine: {res['machine']['cpu_model']}, {threads} torch threads; torch {torch.__version__}", flush=True)
 
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="steptrain-bench-grpo-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_dir(args.work_dir, "steptrain-bench-grpo-") as work:
         assets = prepare(work, args.prompts, args.seed)
         res["model"] = assets["model"]
         print(f"data: {args.prompts} prompts; model {assets['model']['n_params']:,} params "
@@ -365,9 +338,6 @@ def main(argv=None) -> int:
         res["failures"] = failures
         res["load_avg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         res["total_wall_s"] = time.perf_counter() - t_start
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work, ignore_errors=True)
 
     write_results(res, args.out, readme_block(res), README if args.update_readme else None, README_START, README_END)
     return 1 if failures else 0

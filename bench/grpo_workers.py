@@ -8,11 +8,22 @@ The reward both optimise is :func:`digit_fraction` of the completion text; stept
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
-from common import StepCounts, clock_steptrain_steps, steptrain_train_metrics, trl_step_clock
+from common import (
+    STEPTRAIN_CPU_OVERRIDES,
+    TRL_CPU_FP32_OPTIONS,
+    TRL_RUN_OPTIONS,
+    StepCounts,
+    clock_steptrain_steps,
+    steptrain_config,
+    steptrain_optim_overrides,
+    steptrain_train_metrics,
+    trl_inputs,
+    trl_optim_options,
+    trl_step_clock,
+)
 
 # --- the reward --------------------------------------------------------------------------------------------
 
@@ -80,32 +91,18 @@ def _steptrain_overrides(spec: dict) -> list[str]:
         "objective.clip_eps_high=0.2",
         "objective.loss_agg=token",
         "objective.mask_truncated=false",
-        f"optim.lr={spec['lr']}",
-        "optim.scheduler=constant",
-        "optim.warmup_ratio=0.0",
-        "optim.warmup_steps=0",
-        "optim.weight_decay=0.0",
-        "optim.max_grad_norm=1.0",
-        "engine.device=cpu",
-        "resume=none",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-        "logging.plot=false",
-        "logging.wandb=disabled",
+        *steptrain_optim_overrides(spec["lr"], "constant"),
+        *STEPTRAIN_CPU_OVERRIDES,
     ]
 
 
 def worker_steptrain(spec: dict) -> dict:
-    import logging
-
     import torch
 
     import steptrain.recipes.grpo as grpo
-    from steptrain.config import load_config
 
     overrides = _steptrain_overrides(spec)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(overrides)
+    cfg = steptrain_config(overrides)
     counts, steps, sampled = _counts(), [], []
     batch, complete = grpo.GRPOTask.batch, grpo.GRPOTask.complete
 
@@ -148,14 +145,9 @@ def worker_steptrain(spec: dict) -> dict:
 
 def worker_trl(spec: dict) -> dict:
     import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    with open(spec["trl_data_file"]) as f:
-        dataset = Dataset.from_list([json.loads(line) for line in f if line.strip()])
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])  # its own Step Jinja chat template
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
+    dataset, tokenizer, model = trl_inputs(spec)
     group = spec["num_generations"]
     completions_per_step = spec["prompts_per_step"] * group
     options = {
@@ -176,25 +168,12 @@ def worker_trl(spec: dict) -> dict:
         "loss_type": "dapo",  # / the step's completion tokens, as steptrain's loss_agg=token (see the README)
         "scale_rewards": "group",
         "mask_truncated_completions": False,
-        "learning_rate": spec["lr"],
-        "lr_scheduler_type": "constant",
-        "warmup_steps": 0,
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "bf16": False,  # TRL's default is on
-        "fp16": False,
-        "activation_checkpointing": False,  # TRL's default is on
-        "use_cpu": True,
+        **trl_optim_options(spec["lr"], "constant"),
+        **TRL_CPU_FP32_OPTIONS,
         "seed": spec["seed"],
         "shuffle_dataset": spec["order"] != "same",
-        "logging_steps": 1,
         "log_completions": False,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "report_to": "none",
-        "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-        "dataloader_pin_memory": False,
+        **TRL_RUN_OPTIONS,
     }
     args = GRPOConfig(output_dir=spec["out_dir"], **options)
     counts, steps, records, sampled = _counts(), [], {}, []

@@ -28,21 +28,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from common import (
     ROOT,
+    STEPTRAIN_CPU_OVERRIDES,
+    TRL_CPU_FP32_OPTIONS,
+    TRL_RUN_OPTIONS,
+    add_only_option,
+    add_output_options,
+    chosen_contenders,
+    driver_parser,
     fmt,
     machine_info,
     markdown_table,
     peak_matmul_flops,
+    readme_head,
+    resolve_settings,
     run_in_worker,
+    steptrain_config,
+    trl_optim_options,
     usable_cores,
     versions,
+    work_dir,
     worker_main,
     write_results,
 )
@@ -95,12 +105,9 @@ class _Counts:
 
 
 def _worker_steptrain(spec: dict) -> dict:
-    import logging
-
     import torch
 
     import steptrain.recipes.sft as sft
-    from steptrain.config import load_config
     from steptrain.logging import MetricsLogger
 
     overrides = [
@@ -115,15 +122,9 @@ def _worker_steptrain(spec: dict) -> dict:
         f"data.packing={'true' if spec['packing'] else 'false'}",
         f"data.max_length={spec['max_length']}",
         f"optim.lr={spec['lr']}",
-        "engine.device=cpu",
-        "resume=none",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-        "logging.plot=false",
-        "logging.wandb=disabled",
+        *STEPTRAIN_CPU_OVERRIDES,
     ]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(overrides)
+    cfg = steptrain_config(overrides)
     counts, steps = _Counts(), []
     collate, log = sft.collate, MetricsLogger.log
 
@@ -161,28 +162,15 @@ def _worker_trl(spec: dict) -> dict:
         "max_steps": spec["max_steps"],
         "per_device_train_batch_size": spec["batch_size"],
         "gradient_accumulation_steps": 1,
-        "learning_rate": spec["lr"],
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 0,
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "bf16": False,
-        "fp16": False,
-        "activation_checkpointing": False,  # TRL defaults gradient checkpointing on
-        "use_cpu": True,
+        **trl_optim_options(spec["lr"], "cosine"),
+        **TRL_CPU_FP32_OPTIONS,
         "seed": spec["seed"],
         "max_length": spec["max_length"],
         "packing": spec["packing"],
         "packing_strategy": "bfd",
         "assistant_only_loss": True,
         "train_sampling_strategy": "random" if spec["packing"] else spec["trl_sampler"],
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "report_to": "none",
-        "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-        "dataloader_pin_memory": False,
+        **TRL_RUN_OPTIONS,
     }
     args = SFTConfig(output_dir=spec["out_dir"], **options)
     counts, steps, losses = _Counts(), [], {}
@@ -311,16 +299,9 @@ def ratios(by_name: dict) -> dict:
 
 
 def readme_block(res: dict) -> str:
-    m, v, s, pk = res["machine"], res["versions"], res["settings"], res["peak_matmul"]
-    kind = ("**Smoke run (`--quick`): tiny step counts on a shared machine, not a measurement; to be replaced by "
-            "a full run.**" if s["quick"] else "Full run.")
+    s, pk = res["settings"], res["peak_matmul"]
     lines = [
-        kind,
-        "",
-        f"Machine: {m['cpu_model']}, {m['cores_usable']} usable cores ({', '.join(m['simd']) or 'no SIMD flags'}), "
-        f"{m['memory_gib']} GiB; load average at start {', '.join(f'{x:.2f}' for x in m['load_avg_at_start'] or [])}.",
-        f"Versions: steptrain {v['steptrain']} ({v['steptrain_git']}), torch {v['torch']}, transformers "
-        f"{v['transformers']}, trl {v['trl']}, accelerate {v['accelerate']}, datasets {v['datasets']}.",
+        *readme_head(res, load_at_end=False),
         f"Peak fp32 matmul ({pk['size']}x{pk['size']}, {pk['threads']} threads): {pk['before'] / 1e9:.1f} GFLOP/s "
         f"before the contenders, {pk['after'] / 1e9:.1f} after; MFU uses the better one.",
         f"Settings: {res['data']['rows']} rows, max_length {s['max_length']}, ~{s['tokens_per_step']} tokens/step, "
@@ -333,37 +314,22 @@ def readme_block(res: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run (1-2 minutes): " + json.dumps(QUICK))
-    p.add_argument("--steps", type=int, help=f"timed optimizer steps per contender (default {FULL['steps']})")
-    p.add_argument("--warmup", type=int, help=f"untimed steps before them, >= 1 (default {FULL['warmup']})")
+    p = driver_parser(__doc__, QUICK, FULL, quick_note=" (1-2 minutes)")
     p.add_argument("--max-length", type=int, help=f"max tokens per row / packed bin (default {FULL['max_length']})")
     p.add_argument("--rows", type=int, help=f"conversations generated (default {FULL['rows']})")
     p.add_argument("--tokens-per-step", type=int,
                    help=f"target real tokens per optimizer step (default {FULL['tokens_per_step']})")
     p.add_argument("--matmul-size", type=int, help=f"square matmul for peak FLOP/s (default {FULL['matmul_size']})")
-    p.add_argument("--only", help="comma-separated subset of: " + ", ".join(CONTENDERS))
+    add_only_option(p, CONTENDERS)
     p.add_argument("--trl-sampler", default="random", choices=["random", "group_by_length"],
                    help="TRL's train_sampling_strategy without packing (default: TRL's default, random); "
                         "see bench/README.md before using group_by_length")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS.relative_to(ROOT)})")
-    p.add_argument("--work-dir", type=Path, help="keep data, model and logs here (default: a deleted temp dir)")
-    p.add_argument("--update-readme", action="store_true", help="rewrite the results block of bench/README.md")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    add_output_options(p, seed=42, results=RESULTS,
+                       work_dir_help="keep data, model and logs here (default: a deleted temp dir)")
     args = p.parse_args(argv)
-    base = QUICK if args.quick else FULL
-    for key, default in base.items():
-        if getattr(args, key) is None:
-            setattr(args, key, default)
-    if args.warmup < 1 or args.steps < 1:
-        p.error("--warmup and --steps must be >= 1 (the timed window starts at the end of the last warmup step)")
-    names = args.only.split(",") if args.only else list(CONTENDERS)
-    unknown = [n for n in names if n not in CONTENDERS]
-    if unknown:
-        p.error(f"unknown contender(s) {unknown}; valid: {', '.join(CONTENDERS)}")
-    args.contenders = names
+    resolve_settings(p, args, QUICK, FULL)
+    args.contenders = chosen_contenders(p, args.only, CONTENDERS)
     return args
 
 
@@ -384,10 +350,8 @@ def main(argv=None) -> int:
            "machine": machine_info(), "versions": versions()}
     print(f"machine: {res['machine']['cpu_model']}, {threads} cores; torch {torch.__version__}", flush=True)
 
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="steptrain-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
     failures = []
-    try:
+    with work_dir(args.work_dir, "steptrain-bench-") as work:
         assets = prepare(work, args.rows, args.max_length, args.seed)
         res["data"], res["model"] = assets["data"], assets["model"]
         print(f"data: {assets['data']['rows']} rows, lengths {assets['data']['length_tokens']}, "
@@ -418,9 +382,6 @@ def main(argv=None) -> int:
         res["ratios"] = ratios({c["name"]: c for c in summaries})
         res["failures"] = failures
         res["total_wall_s"] = time.perf_counter() - t_start
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work, ignore_errors=True)
 
     write_results(res, args.out, readme_block(res), README if args.update_readme else None, README_START, README_END)
     return 1 if failures else 0
