@@ -29,8 +29,10 @@ def lora_config(peft_cfg, new_token_ids: list[int], model=None) -> LoraConfig:
         targets = [f"llm.{name}" for name in _speech_targets(model)]
         modules_to_save = modules_to_save or ["audio_adapter"]
     task_type = "CAUSAL_LM"
-    if model is not None and type(model).__name__.endswith("ForSequenceClassification"):
-        task_type = "SEQ_CLS"  # peft then keeps the (new) score head fully trainable
+    heads = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS"}  # reward model, critic
+    head = next((kind for suffix, kind in heads.items() if type(model).__name__.endswith(suffix)), None)
+    if head:
+        task_type = head  # peft then keeps the (new) score head fully trainable
         modules_to_save = [*modules_to_save, "score"] if "score" not in modules_to_save else modules_to_save
     kwargs = {}
     if new_token_ids and peft_cfg.train_new_tokens:

@@ -28,6 +28,7 @@ from steptrain.engines import build_engine
 from steptrain.engines.optim import param_groups
 from steptrain.models.forward import eval_mode
 from steptrain.models.loader import DTYPES
+from steptrain.models.lora import apply_lora
 from steptrain.objectives.rl import clipped_value_loss, gae, token_rewards, whiten
 from steptrain.recipes.grpo import GRPOTask, setup
 from steptrain.recipes.loop import build_model, start_run, train
@@ -47,8 +48,9 @@ def critic_values(model, batch) -> torch.Tensor:
 
 
 def load_critic(cfg, engine):
-    """The critic: a token classifier (1 label) from objective.critic_path or model.path. A value head that
-    is not in the checkpoint starts at zero (V = 0), the same on every engine and world size."""
+    """The critic: a token classifier (1 label) from objective.critic_path or model.path, with LoRA when the
+    policy has it. A value head that is not in the checkpoint starts at zero (V = 0), the same on every
+    engine and world size."""
     from transformers import AutoConfig, AutoModelForTokenClassification
 
     path = cfg.objective.critic_path or cfg.model.path
@@ -71,6 +73,8 @@ def load_critic(cfg, engine):
             for p in params:
                 p.zero_()
     critic.config.use_cache = False
+    if cfg.peft.method == "lora":  # as the policy: LoRA on the trunk, the value head fully trained
+        critic = apply_lora(critic, cfg.peft, [])
     return critic
 
 
