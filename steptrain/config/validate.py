@@ -169,7 +169,7 @@ def _check_reference(cfg: DictConfig, fail) -> None:
 
 
 def _check_rl(cfg: DictConfig, fail) -> None:
-    """recipe=grpo: sampling, rewards and the KL reference."""
+    """recipe=grpo|ppo: sampling, rewards, the KL reference, and (PPO) the critic."""
     o, r = cfg.objective, cfg.rollout
     if cfg.recipe.name == "grpo" and r.num_generations < 2:
         fail(f"rollout.num_generations={r.num_generations} must be >= 2 (advantages compare a prompt's samples)")

@@ -1,7 +1,7 @@
 """Data layer: ms-swift JSONL (and HF datasets) -> chat-template segments -> token ids/labels -> batches."""
 
 from steptrain.data.audio_spans import AUDIO_TAG, AudioClip, AudioSpec, ReplyAudioSpec
-from steptrain.data.batching import collate, plan_epoch
+from steptrain.data.batching import collate, plan_epoch, to_device
 from steptrain.data.dataset import SFTData, load_sft_data
 from steptrain.data.encode import IGNORE_INDEX, Encoded, encode_segments
 from steptrain.data.errors import DataError
@@ -26,4 +26,5 @@ __all__ = [
     "plan_epoch",
     "read_rows",
     "row_messages",
+    "to_device",
 ]

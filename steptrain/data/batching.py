@@ -168,3 +168,8 @@ def collate(
         out, lengths = pad_clip_features([audio_features(clip) for clip in clips])
         batch |= {"audio_features": out, "audio_lengths": lengths}
     return batch
+
+
+def to_device(batch: dict, device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device``; keys that ``collate`` left as None are dropped."""
+    return {key: value.to(device) for key, value in batch.items() if value is not None}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from steptrain.data import AudioSpec, collate, plan_epoch, row_messages
+from steptrain.data import AudioSpec, collate, plan_epoch, row_messages, to_device
 from steptrain.data.prompts import encode_prompt
 from steptrain.eval.asr import error_rates
 from steptrain.objectives import lm_loss_sum, stats_vector, summarize_stats
@@ -39,7 +39,7 @@ def evaluate_loss(
         plan = plan[:max_batches]
     mine, counted = rank_share(engine, plan)
     batches = [
-        {k: v.to(engine.device) for k, v in collate(rows, examples, pad_id=pad_id, packing=False, audio_features=audio_features).items() if v is not None}
+        to_device(collate(rows, examples, pad_id=pad_id, packing=False, audio_features=audio_features), engine.device)
         for rows in mine
     ]
     results = engine.forward_only(batches, lambda logits, batch: stats_vector(lm_loss_sum(logits, batch["labels"], audio_ids)[1]))

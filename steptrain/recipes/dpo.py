@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from steptrain.data import to_device
 from steptrain.data.preference import (
     PairBatches,
     SharedPromptBatches,
@@ -81,7 +82,7 @@ def compute_reference(engine, batches: PairBatches, batch_size: int, audio_ids) 
     out = torch.zeros(2, n, dtype=torch.float64)
     chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     mine, counted = rank_share(engine, chunks)
-    inputs = [{key: v.to(engine.device) for key, v in batches.batch([[i] for i in c]).items() if v is not None} for c in mine]
+    inputs = [to_device(batches.batch([[i] for i in c]), engine.device) for c in mine]
     results = engine.forward_only(inputs, lambda logits, batch: logits_reply_logps(logits, batch, audio_ids)[0])
     for chunk, logps in zip(mine[:counted], results[:counted], strict=True):
         out[0, chunk] = logps[: len(chunk)].double().cpu()

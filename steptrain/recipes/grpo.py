@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from steptrain.data import Encoded, collate, read_rows
+from steptrain.data import Encoded, collate, read_rows, to_device
 from steptrain.data.reader import validate_row
 from steptrain.engines import build_engine
 from steptrain.eval.lm import rank_share
@@ -109,7 +109,7 @@ class GRPOTask:
 
     def logps(self, logits_fn, batch) -> torch.Tensor:
         """Per-token log-probs ``[B, T-1]`` of the batch's targets under ``logits_fn`` (no gradient), on CPU."""
-        on_device = {k: v.to(self.engine.device) for k, v in batch.items() if v is not None}
+        on_device = to_device(batch, self.engine.device)
         with torch.no_grad():
             logits = logits_fn(on_device)
             return -token_nll(logits[:, :-1], on_device["labels"][:, 1:]).cpu()

@@ -35,7 +35,7 @@ from steptrain.checkpoint import (
 )
 from steptrain.checkpoint.rng import batch_rng, seed_everything
 from steptrain.config import ConfigError
-from steptrain.data import plan_epoch, read_rows
+from steptrain.data import plan_epoch, read_rows, to_device
 from steptrain.engines.optim import param_groups
 from steptrain.eval.lm import rank_share
 from steptrain.logging import MetricsLogger
@@ -91,7 +91,7 @@ def evaluate_task(engine, task: Task, batch_size: int) -> dict:
     n = len(task.lengths)
     chunks = [[[i] for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
     mine, counted = rank_share(engine, chunks, pad=True)
-    batches = [{key: v.to(engine.device) for key, v in task.batch(rows).items() if v is not None} for rows in mine]
+    batches = [to_device(task.batch(rows), engine.device) for rows in mine]
     results = engine.forward_only(batches, task.score, task.forward)
     totals = sum((stats for _, stats in results[:counted]), torch.zeros_like(results[0][1]))
     engine.data_all_reduce(totals)
@@ -226,7 +226,7 @@ def train(cfg, engine, task: Task, model, evaluate, *, packing: bool = False, on
                     batches.append(task.batch(plan[i]))
             n_global = engine.data_all_reduce(torch.tensor([sum(task.count(b) for b in batches)], dtype=torch.float64))
             n_global = float(n_global[0])
-            batches = [{k: v.to(engine.device) for k, v in b.items() if v is not None} for b in batches]
+            batches = [to_device(b, engine.device) for b in batches]
             totals = engine.forward_backward(batches, task.score, 1.0 / n_global, task.forward)
             engine.data_all_reduce(totals)
             if hasattr(task, "tokens"):  # a task whose batches hold more than its examples (RL completions)

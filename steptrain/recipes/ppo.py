@@ -24,6 +24,7 @@ import logging
 import torch
 from omegaconf import OmegaConf
 
+from steptrain.data import to_device
 from steptrain.engines import build_engine
 from steptrain.engines.optim import param_groups
 from steptrain.models.forward import eval_mode
@@ -111,7 +112,7 @@ class PPOTask(GRPOTask):
 
     def rollout_values(self, batch) -> torch.Tensor:
         """The critic's values of the completion tokens ``[B, T-1]`` at rollout time (eval mode, no gradient)."""
-        on_device = {k: v.to(self.critic.device) for k, v in batch.items() if v is not None}
+        on_device = to_device(batch, self.critic.device)
         with eval_mode(self.critic.module) as model, torch.no_grad(), self.critic.autocast():
             return critic_values(model, on_device)[:, :-1].double().cpu()
 
