@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     from steptrain.audio.features import num_frames
     from steptrain.config import load_config
     from steptrain.data import collate, load_sft_data, plan_epoch
-    from steptrain.inputs import clip_features, speech_audio_spec
+    from steptrain.inputs import clip_features, resolve_inputs
     from steptrain.models.loader import load_tokenizer, speech_overrides
     from steptrain.models.speech import build_speech_preset
 
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"output_dir={work / 'run'}",
     ])
     tok = load_tokenizer(cfg.model)
-    data = load_sft_data([str(jsonl)], tok, cfg.data, audio=speech_audio_spec(tok, cfg.data))
+    data = load_sft_data([str(jsonl)], tok, cfg.data, resolve_inputs(cfg, tok))
     examples = data.examples
     data_secs = time.perf_counter() - t_data
     tok_lens = [len(e.input_ids) for e in examples]

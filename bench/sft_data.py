@@ -112,9 +112,9 @@ def _encode(template, tokenizer, messages):
 def fit_rows(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], list[list[int]], list[list[int]]]:
     """Encode the rows (steptrain's Step template); shorten the last reply of the rare row over max_length and
     drop a row that cannot be shortened, so that no contender ever truncates (they truncate differently)."""
-    from steptrain.data import build_template
+    from steptrain.data import resolve_template
 
-    template = build_template("step", tokenizer, bos=True)
+    template = resolve_template("step", tokenizer, bos=True)
     out_rows, ids_all, labels_all = [], [], []
     for row in rows:
         ids, labels = _encode(template, tokenizer, row["messages"])

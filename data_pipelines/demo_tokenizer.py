@@ -1,6 +1,6 @@
 """A tiny byte-level BPE tokenizer for the demo corpus, with Step-Audio special tokens and chat template.
 
-Special tokens sit at the ids the Step-Audio code uses (see STEP_FACTS.md):
+Special tokens sit at the ids the Step-Audio code uses (docs/step_facts.md, section 2; 0 and 2 are ours):
 
     <unk> = 0 (also pad), <s> = 1 (BOS), </s> = 2, <|EOT|> = 3 (EOS, end of turn), <|BOT|> = 4.
 

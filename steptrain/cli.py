@@ -1,7 +1,8 @@
-"""`steptrain <verb>`: train (Hydra overrides), config (print the resolved config), export, merge, eval.
+"""`steptrain <verb>`: train (Hydra overrides), config (print the resolved config), inspect, export, merge, eval, sample.
 
     steptrain train experiment=sft_lora model.path=DIR data.train_files=[a.jsonl] output_dir=OUT
     torchrun --nproc_per_node 2 -m steptrain train engine=ddp ...
+    steptrain inspect experiment=sft_lora model.path=DIR data.train_files=[a.jsonl] output_dir=OUT [--rows N] [--json]
     steptrain export OUT/checkpoints/step_100 EXPORT_DIR [--merge-lora]
     steptrain merge A B OUT_DIR --weights 0.5 0.5 [--method linear|task_arithmetic|ties] [--base BASE]
     steptrain eval OUT/checkpoints/step_100 eval.jsonl [--limit 200]
@@ -15,9 +16,7 @@ import os
 import sys
 
 from steptrain.config import ConfigError, load_config
-
-RECIPES = {"sft": "steptrain.recipes.sft", "dpo": "steptrain.recipes.dpo", "reward": "steptrain.recipes.reward",
-           "grpo": "steptrain.recipes.grpo", "ppo": "steptrain.recipes.ppo"}
+from steptrain.recipes import RECIPES
 
 
 def _setup_logging() -> None:
@@ -45,7 +44,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.overrides, args.config_dir)
     import importlib
 
-    recipe = importlib.import_module(RECIPES[cfg.recipe.name])
+    recipe = importlib.import_module(RECIPES[cfg.recipe.name].module)
     handler = _file_log(cfg.output_dir)
     logging.getLogger().addHandler(handler)
     try:
@@ -66,6 +65,13 @@ def cmd_config(args) -> int:
     from omegaconf import OmegaConf
 
     print(OmegaConf.to_yaml(load_config(args.overrides, args.config_dir)), end="")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from steptrain.inspect_data import inspect_data
+
+    inspect_data(args.overrides, rows=args.rows, as_json=args.json, config_dir=args.config_dir)
     return 0
 
 
@@ -140,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="Hydra overrides: experiment=NAME key=value ...")
         p.add_argument("--config-dir", default=None, help="config tree (default: the repository's configs/)")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("inspect", help="show the token ids, labels and rendering of the first rows, and the data "
+                                       "report, as training would see them (no model weights are loaded)")
+    p.add_argument("overrides", nargs="*", help="the same overrides as `steptrain train`")
+    p.add_argument("--rows", type=int, default=3, help="rows to show (-1: all)")
+    p.add_argument("--json", action="store_true", help="one JSON object per row (source, input_ids, labels, ...), "
+                                                         "then {\"report\": ...}")
+    p.add_argument("--config-dir", default=None, help="config tree (default: the repository's configs/)")
+    p.set_defaults(fn=cmd_inspect)
     p = sub.add_parser("export", help="checkpoint -> HF directory or PEFT adapter")
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
@@ -184,7 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides may also follow the options: steptrain inspect --rows 5 data.max_length=512
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     from steptrain.checkpoint import CheckpointError
     from steptrain.data import DataError
 

@@ -1,19 +1,30 @@
-"""How a run's audio inputs and outputs are assembled from its config (used by recipes and `steptrain eval`).
+"""A run's inputs resolved once from its config and tokenizer: the chat template and the audio glue.
 
-Heard audio: glue between audio files, the data layer and a speech model.
-The number of ``<audio_patch>`` tokens for a clip must equal what the model's encoder + adapter emit
-for its log-mel frames, so it is computed from the model's own ``num_patches`` applied to the front
-end's ``num_frames``; the features the model receives come from the same front end.
+Heard audio: the number of ``<audio_patch>`` tokens for a clip must equal what the model's encoder +
+adapter emit for its log-mel frames, so it is computed from the model's own ``num_patches`` applied to
+the front end's ``num_frames``; the features the model receives come from the same front end.
+
+The checkpoint family (config.json ``model_type``) is read without loading any weights, so the
+template is known before a model is built (see ``steptrain.data.templates``).
 """
 
 from __future__ import annotations
 
-import torch
+import copy
+import json
+from pathlib import Path
 
-from steptrain.audio.features import log_mel, num_frames
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from steptrain.audio.features import log_mel
 from steptrain.audio.io import load_audio
 from steptrain.data import AudioClip, AudioSpec, ReplyAudioSpec
-from steptrain.models.loader import audio_code_ids
+from steptrain.data.run_inputs import RunInputs
+from steptrain.data.templates import ChatTemplate, resolve_template
+from steptrain.models.loader import audio_code_ids, is_speech_config
+
+__all__ = ["RunInputs", "clip_features", "model_family", "resolve_inputs", "with_resolved_template"]
 
 
 def clip_features(clip: AudioClip) -> torch.Tensor:
@@ -21,18 +32,30 @@ def clip_features(clip: AudioClip) -> torch.Tensor:
     return log_mel(load_audio(clip.path)[clip.start : clip.start + clip.length])
 
 
-def speech_audio_spec(tokenizer, data_cfg) -> AudioSpec:
-    from steptrain.models.speech import num_patches
+def model_family(model_cfg) -> str | None:
+    """The checkpoint's config.json ``model_type`` (of ``model.path``, else ``model.llm_path``), or None."""
+    path = model_cfg.path or model_cfg.llm_path
+    config = Path(path) / "config.json" if path else None
+    if config is None or not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("model_type")
 
+
+def _speech_audio_spec(tokenizer, data_cfg, model_cfg=None) -> AudioSpec:
+    """Patch counts follow the model's front end (``steptrain.models.loader.speech_front_end``: e.g. the
+    official arithmetic for a released Step-Audio 2 checkpoint; steptrain's rule without ``model_cfg``)."""
+    from steptrain.models.loader import SpeechFrontEnd, speech_front_end
+
+    front = speech_front_end(model_cfg) if model_cfg is not None else SpeechFrontEnd()
     return AudioSpec.from_tokenizer(
         tokenizer,
-        patches=lambda n_samples: num_patches(num_frames(n_samples)),
+        patches=front.patches,
         load=load_audio,
         max_seconds=data_cfg.max_audio_seconds,
     )
 
 
-def reply_audio_spec(tokenizer, model_cfg, data_cfg) -> ReplyAudioSpec | None:
+def _reply_audio_spec(tokenizer, model_cfg, data_cfg) -> ReplyAudioSpec | None:
     """Discrete audio output tokens (``model.audio_codes``), and the tokenizer for spoken replies."""
     ids = audio_code_ids(tokenizer, model_cfg.audio_codes)
     if ids is None:
@@ -56,3 +79,29 @@ def reply_audio_spec(tokenizer, model_cfg, data_cfg) -> ReplyAudioSpec | None:
         encode=encode,
         interleave=tuple(int(x) for x in data_cfg.reply_interleave.split(":")) if data_cfg.reply_interleave else None,
     )
+
+
+def resolve_inputs(cfg, tokenizer) -> RunInputs:
+    """The run's :class:`RunInputs`: template (``data.template``, ``auto`` resolved), heard audio for a
+    speech model, spoken-reply tokens for ``model.audio_codes``."""
+    template = resolve_template(cfg.data.template, tokenizer, family=model_family(cfg.model), bos=cfg.data.bos,
+                                default_system=cfg.data.system)
+    audio = _speech_audio_spec(tokenizer, cfg.data, cfg.model) if is_speech_config(cfg.model) else None
+    return RunInputs(
+        template=template,
+        audio=audio,
+        reply=_reply_audio_spec(tokenizer, cfg.model, cfg.data),
+        features=clip_features if audio else None,
+        audio_ids=audio_code_ids(tokenizer, cfg.model.audio_codes),
+    )
+
+
+def with_resolved_template(cfg: DictConfig, template: ChatTemplate) -> DictConfig:
+    """``cfg`` with ``data.template`` / ``data.bos`` set to what was resolved (what config.yaml records, so
+    a checkpoint's eval, export and resume render rows the same way)."""
+    out, readonly = copy.deepcopy(cfg), OmegaConf.is_readonly(cfg)
+    OmegaConf.set_readonly(out, False)
+    out.data.template = template.name
+    out.data.bos = None if template.name == "jinja" else template.bos is not None
+    OmegaConf.set_readonly(out, bool(readonly))
+    return out

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -16,6 +18,50 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per process: in-process training runs (and, under pytest-xdist, each worker) use one core, as the
+# subprocess runs below do (OMP_NUM_THREADS=1); set before torch is first imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(1)
+
+
+# Process-wide state an in-process run can leave behind: the one-process engines set RANK / WORLD_SIZE /
+# MASTER_PORT, DeepSpeed sets DS_ACCELERATOR, W&B its WANDB_* variables.
+@pytest.fixture(autouse=True)
+def _isolate_in_process_runs():
+    """Each test starts from seeded global RNGs and one thread, and leaves no environment variable, root log
+    handler, torch.distributed process group or Hydra global state to the next one (in-process runs included)."""
+    import numpy as np
+    import torch
+
+    env = dict(os.environ)
+    root = logging.getLogger()
+    handlers, level = set(root.handlers), root.level
+    threads = torch.get_num_threads()
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    for h in root.handlers[:]:  # pytest's own capture handlers come and go with each test phase: keep them
+        if h not in handlers and not type(h).__module__.startswith("_pytest"):
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)
+    for key in set(os.environ) - set(env):
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from steptrain.config.schema import DataConfig
+from steptrain.data import RunInputs, resolve_template
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|EOT|>", "<|BOT|>"]
 WORDS = (
@@ -68,3 +69,9 @@ def data_cfg(**overrides):
 def chat(*turns: tuple[str, str], **extra) -> dict:
     """A row from (role, content) pairs."""
     return {"messages": [{"role": r, "content": c} for r, c in turns], **extra}
+
+
+def run_inputs(tok, cfg, **audio):
+    """The RunInputs a run would resolve for ``cfg`` (a DataConfig) and ``tok``; ``audio``: audio=, reply=."""
+    template = resolve_template(cfg.template, tok, bos=cfg.bos, default_system=cfg.system)
+    return RunInputs(template, **audio)

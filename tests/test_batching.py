@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from data_helpers import tiny_tokenizer
 
-from steptrain.data import Encoded, build_template, collate, encode_segments, plan_epoch
+from steptrain.data import Encoded, collate, encode_segments, plan_epoch, resolve_template
 
 M = -100
 
@@ -147,7 +147,7 @@ def test_packed_loss_equals_unpacked(attn):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = tiny_tokenizer()
-    template = build_template("step", tok)
+    template = resolve_template("step", tok)
     examples = [
         encode_segments(
             template.segments([{"role": r, "content": c} for r, c in conv]),

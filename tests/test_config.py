@@ -26,7 +26,7 @@ def error_of(overrides) -> str:
 def test_valid_config_composes_with_defaults(base):
     cfg = load_config(base)
     assert cfg.engine.name == "single" and cfg.peft.method == "none" and cfg.recipe.name == "sft"
-    assert cfg.trainer.max_steps == 0 and cfg.data.template == "step"
+    assert cfg.trainer.max_steps == 0 and cfg.data.template == "auto"
 
 
 def test_experiment_sets_groups_and_overrides_still_win(base):
@@ -102,11 +102,23 @@ def test_cli_reports_config_error_before_building_anything(base, tmp_path, capsy
 def test_asr_experiment_composes_with_speech_parts(base, tmp_path):
     llm = tmp_path / "llm"
     llm.mkdir()
-    cfg = load_config(["experiment=asr_sft", f"model.llm_path={llm}", "model.path=null", *base[1:]])
+    cfg = load_config(["experiment=asr_sft", f"model.llm_path={llm}", f"model.encoder_path={llm}", "model.path=null",
+                       *base[1:]])
     assert cfg.optim.lr_mult == {"audio_adapter": 2.5, "embed_tokens": 2.5, "lm_head": 2.0}
     assert cfg.model.freeze_encoder and cfg.data.loss_on == "last_assistant"
     msg = error_of([*base, f"model.encoder_path={llm}"])
     assert "model.encoder_path goes with model.llm_path" in msg
+    # a fresh encoder kept frozen could never learn: refused, naming both keys
+    msg = error_of(["experiment=asr_sft", f"model.llm_path={llm}", "model.path=null", *base[1:]])
+    assert "model.encoder_path" in msg and "model.freeze_encoder=true" in msg
+    assert load_config(["experiment=asr_sft", f"model.llm_path={llm}", "model.path=null", "model.freeze_encoder=false",
+                        *base[1:]]).model.freeze_encoder is False
+
+
+def test_unknown_experiment_lists_the_experiments(base):
+    msg = error_of(["experiment=sft_lorra", *base])
+    assert msg.startswith("unknown choice experiment=sft_lorra; valid choices for experiment: ")
+    assert "sft_lora" in msg and "asr_sft" in msg and "dpo" in msg
 
 
 @pytest.mark.parametrize("name", ["quickstart", "sft_lora", "asr_sft", "tts_sft", "spoken_chat_sft"])

@@ -13,7 +13,7 @@ from steptrain.audio.features import log_mel
 from steptrain.audio.io import load_audio
 from steptrain.data import AudioSpec, DataError, collate, load_sft_data
 from steptrain.data.encode import IGNORE_INDEX
-from tests.data_helpers import data_cfg, ids, tiny_tokenizer, write_jsonl
+from tests.data_helpers import data_cfg, ids, run_inputs, tiny_tokenizer, write_jsonl
 
 SR = 16000
 AUDIO_TOKENS = ["<audio_start>", "<audio_patch>", "<audio_end>"]
@@ -54,7 +54,8 @@ def audio_row(*contents: tuple[str, str], audios: list[str]) -> dict:
 def test_two_clips_become_exact_placeholder_spans(tmp_path, tok, spec):
     a, b = write_wav(tmp_path / "a.wav", 1.0), write_wav(tmp_path / "b.wav", 0.5, 660.0)
     row = audio_row(("user", "<audio> hi <audio>"), ("assistant", "hello"), audios=[a, b])
-    data = load_sft_data([write_jsonl(tmp_path / "d.jsonl", [row])], tok, data_cfg(), audio=spec)
+    c = data_cfg()
+    data = load_sft_data([write_jsonl(tmp_path / "d.jsonl", [row])], tok, c, run_inputs(tok, c, audio=spec))
     (ex,) = data.examples
     start, patch, end = (tok.convert_tokens_to_ids(t) for t in AUDIO_TOKENS)
     span_a, span_b = [start, *[patch] * 13, end], [start, *[patch] * 7, end]  # 16000 / 1280 -> 13; 8000 -> 7
@@ -73,7 +74,8 @@ def test_two_clips_become_exact_placeholder_spans(tmp_path, tok, spec):
 def test_long_audio_is_cut_into_25_second_chunks(tmp_path, tok, spec):
     long = write_wav(tmp_path / "long.wav", 27.0)
     row = audio_row(("user", "<audio>"), ("assistant", "ok"), audios=[long])
-    (ex,) = load_sft_data([write_jsonl(tmp_path / "d.jsonl", [row])], tok, data_cfg(max_length=2048), audio=spec).examples
+    c = data_cfg(max_length=2048)
+    (ex,) = load_sft_data([write_jsonl(tmp_path / "d.jsonl", [row])], tok, c, run_inputs(tok, c, audio=spec)).examples
     assert [(c.start, c.length) for c in ex.audio] == [(0, 400000), (400000, 32000)]
     assert [e - s for s, e in ex.audio_spans] == [patches(400000) + 2, patches(32000) + 2]
 
@@ -82,9 +84,11 @@ def test_right_truncation_never_splits_a_clip(tmp_path, tok, spec):
     a, b = write_wav(tmp_path / "a.wav", 1.0), write_wav(tmp_path / "b.wav", 1.0)
     row = audio_row(("user", "hi"), ("assistant", "hello"), ("user", "<audio> <audio>"), ("assistant", "ok"),
                     audios=[a, b])
-    full = load_sft_data([write_jsonl(tmp_path / "d.jsonl", [row])], tok, data_cfg(max_length=4096), audio=spec)
+    c = data_cfg(max_length=4096)
+    full = load_sft_data([write_jsonl(tmp_path / "d.jsonl", [row])], tok, c, run_inputs(tok, c, audio=spec))
     s2, _ = full.examples[0].audio_spans[1]
-    cut = load_sft_data([write_jsonl(tmp_path / "e.jsonl", [row])], tok, data_cfg(max_length=s2 + 3), audio=spec)
+    c = data_cfg(max_length=s2 + 3)
+    cut = load_sft_data([write_jsonl(tmp_path / "e.jsonl", [row])], tok, c, run_inputs(tok, c, audio=spec))
     (ex,) = cut.examples
     assert len(ex.input_ids) == s2  # moved back to the start of the second clip's span
     assert len(ex.audio) == 1 and ex.audio_spans == full.examples[0].audio_spans[:1]
@@ -105,16 +109,19 @@ def test_bad_audio_names_file_line_and_reason(tmp_path, tok, spec, make, tags, r
     good = audio_row(("user", "<audio>"), ("assistant", "ok"), audios=[write_wav(tmp_path / "ok.wav", 0.3)])
     bad = audio_row(("user", "<audio>" * tags), ("assistant", "ok"), audios=make(tmp_path))
     path = write_jsonl(tmp_path / "d.jsonl", [good, bad])
+    c = data_cfg()
     with pytest.raises(DataError, match=rf"^{path}:2: {reason}"):
-        load_sft_data([path], tok, data_cfg(), audio=spec)
-    skipped = load_sft_data([path], tok, data_cfg(on_error="skip"), audio=spec)
+        load_sft_data([path], tok, c, run_inputs(tok, c, audio=spec))
+    c = data_cfg(on_error="skip")
+    skipped = load_sft_data([path], tok, c, run_inputs(tok, c, audio=spec))
     assert len(skipped.examples) == 1 and sum(skipped.stats["skipped"].values()) == 1
 
 
 def test_audio_row_in_a_text_only_run_is_refused(tmp_path, tok):
     row = audio_row(("user", "<audio>"), ("assistant", "ok"), audios=[write_wav(tmp_path / "a.wav", 0.3)])
+    c = data_cfg()
     with pytest.raises(DataError, match="audio in a text-only run"):
-        load_sft_data([write_jsonl(tmp_path / "d.jsonl", [row])], tok, data_cfg())
+        load_sft_data([write_jsonl(tmp_path / "d.jsonl", [row])], tok, c, run_inputs(tok, c))
 
 
 def test_collate_mixes_audio_and_text_rows(tmp_path, tok, spec):
@@ -123,7 +130,8 @@ def test_collate_mixes_audio_and_text_rows(tmp_path, tok, spec):
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
         audio_row(("user", "<audio>"), ("assistant", "good"), audios=[write_wav(tmp_path / "b.wav", 0.32)]),
     ]
-    data = load_sft_data([write_jsonl(tmp_path / "d.jsonl", rows)], tok, data_cfg(), audio=spec)
+    c = data_cfg()
+    data = load_sft_data([write_jsonl(tmp_path / "d.jsonl", rows)], tok, c, run_inputs(tok, c, audio=spec))
 
     def features(clip):
         wave_ = load_audio(clip.path)[clip.start : clip.start + clip.length]
@@ -144,7 +152,7 @@ def test_audio_in_last_turn_only_uses_transcripts_for_earlier_turns(tmp_path, to
                     audios=[a, b])
     row["transcripts"] = ["hello", "thanks"]
     cfg = data_cfg(audio_last_turn_only=True, loss_on="last_assistant")
-    (ex,) = load_sft_data([write_jsonl(tmp_path / "d.jsonl", [row])], tok, cfg, audio=spec).examples
+    (ex,) = load_sft_data([write_jsonl(tmp_path / "d.jsonl", [row])], tok, cfg, run_inputs(tok, cfg, audio=spec)).examples
     start, patch, end = (tok.convert_tokens_to_ids(t) for t in AUDIO_TOKENS)
     assert ex.input_ids[: 4] == ids("<s> <|BOT|> human hello")  # the first clip became its transcript
     assert [c.path.endswith("b.wav") for c in ex.audio] == [True] and ex.input_ids.count(start) == 1
@@ -153,4 +161,4 @@ def test_audio_in_last_turn_only_uses_transcripts_for_earlier_turns(tmp_path, to
     assert trained == ids("good <|EOT|>")
     del row["transcripts"]
     with pytest.raises(DataError, match="missing transcripts"):
-        load_sft_data([write_jsonl(tmp_path / "e.jsonl", [row])], tok, cfg, audio=spec)
+        load_sft_data([write_jsonl(tmp_path / "e.jsonl", [row])], tok, cfg, run_inputs(tok, cfg, audio=spec))

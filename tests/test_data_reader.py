@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from data_helpers import chat, data_cfg, tiny_tokenizer, write_jsonl
+from data_helpers import chat, data_cfg, run_inputs, tiny_tokenizer, write_jsonl
 
 from steptrain.data import DataError, load_sft_data, read_rows
 
@@ -174,7 +174,7 @@ def test_load_sft_data_end_to_end(tmp_path):
         ],
     )
     cfg = data_cfg(max_length=20, on_error="skip", system="you are good.")
-    data = load_sft_data([path], tok, cfg)
+    data = load_sft_data([path], tok, cfg, run_inputs(tok, cfg))
     M = -100
     a, b = data.examples
     # <s> <|BOT|> system you are a bot . <|EOT|> <|BOT|> human hi <|EOT|> <|BOT|> assistant | hello ! <|EOT|>
@@ -190,16 +190,17 @@ def test_load_sft_data_end_to_end(tmp_path):
 
     # rows already read (e.g. after an eval split): the same examples; reader skips are the caller's
     rows, skipped = read_rows([path], on_error="skip")
-    from_rows = load_sft_data(rows, tok, cfg)
+    from_rows = load_sft_data(rows, tok, cfg, run_inputs(tok, cfg))
     assert from_rows.examples == data.examples and from_rows.stats == {**data.stats, "skipped": {}}
 
     cfg.truncation = "drop"
-    data = load_sft_data([path], tok, cfg)
+    data = load_sft_data([path], tok, cfg, run_inputs(tok, cfg))
     assert [e.source for e in data.examples] == [f"{path}:1"]
     assert data.stats["dropped_too_long"] == 2 and data.stats["truncated"] == 0
 
+    c = data_cfg(max_length=20)
     with pytest.raises(DataError, match=rf"^{path}:3: invalid JSON"):
-        load_sft_data([path], tok, data_cfg(max_length=20))
+        load_sft_data([path], tok, c, run_inputs(tok, c))
 
 
 def test_load_sft_data_template_errors(tmp_path):
@@ -212,16 +213,17 @@ def test_load_sft_data_template_errors(tmp_path):
         [GOOD, chat(("user", "call tool"), ("assistant", "ok"), ("tool", "result"), ("assistant", "good"))],
     )
     tok = tiny_tokenizer(chat_template=refuses_tools)
+    c = data_cfg(template="jinja")
     with pytest.raises(DataError, match=rf"^{path}:2: chat template error: tool turns unsupported$"):
-        load_sft_data([path], tok, data_cfg(template="jinja"))
-    data = load_sft_data([path], tok, data_cfg(template="jinja", on_error="skip"))
+        load_sft_data([path], tok, c, run_inputs(tok, c))
+    c = data_cfg(template="jinja", on_error="skip")
+    data = load_sft_data([path], tok, c, run_inputs(tok, c))
     assert len(data.examples) == 1 and data.stats["skipped"] == {"chat template error": 1}
     # "user: hi;assistant: " | "hello!;" (words missing from VOCAB, and "!;" as one piece, are <unk>=0)
     assert data.examples[0].input_ids == [0, 0, 14, 0, 7, 0, 15, 0]
     assert data.examples[0].labels == [-100] * 6 + [15, 0]
 
     unstable = "{% for m in messages %}{{ m['content'] if loop.last else '.' }}{% endfor %}"
+    c = data_cfg(template="jinja", on_error="skip")
     with pytest.raises(DataError, match=rf"^{path}:1: chat template is not prefix-stable"):
-        load_sft_data(
-            [path], tiny_tokenizer(chat_template=unstable), data_cfg(template="jinja", on_error="skip")
-        )
+        load_sft_data([path], utok := tiny_tokenizer(chat_template=unstable), c, run_inputs(utok, c))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -22,8 +23,15 @@ from steptrain.engines.deepspeed_config import deepspeed_config
 from tests.conftest import ROOT, TORCHRUN, base_overrides, kill_mid_run, read_metrics, run_cli, train_losses
 
 DS = ["engine=deepspeed"]
-# DeepSpeed's own launcher (`deepspeed --num_gpus 2 --module steptrain ...`); it counts CPU "devices".
-DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--module"]
+
+
+def _deepspeed_launcher() -> list[str]:
+    """DeepSpeed's own launcher (`deepspeed --num_gpus 2 --module steptrain ...`); it counts CPU "devices".
+    On a free port: its default (29500) is shared by every run on the machine (pytest-xdist workers too)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port), "--module"]
 
 
 def _base(tmp_path) -> list[str]:
@@ -92,10 +100,10 @@ def test_zero2_and_zero3_follow_the_single_process_loss_curve(assets, tmp_path, 
     # Eval with 5 generated rows on 2 ranks: an uneven split that ZeRO-3 must run in lockstep.
     common = ["trainer.max_steps=5", "trainer.batch_size=2", f"data.eval_files=[{assets['eval']}]",
               "trainer.eval_batches=3", "trainer.generate_eval=5", "trainer.max_new_tokens=4"]
-    run_cli(["train", *base_overrides(assets, tmp_path / "single", *common, "trainer.grad_accum=2")])
+    assert main(["train", *base_overrides(assets, tmp_path / "single", *common, "trainer.grad_accum=2")]) == 0
     single = train_losses(tmp_path / "single")
     single_eval = [r for r in read_metrics(tmp_path / "single") if "eval/loss" in r]
-    for stage, launcher in ((2, DEEPSPEED), (3, TORCHRUN)):
+    for stage, launcher in ((2, _deepspeed_launcher()), (3, TORCHRUN)):
         out = tmp_path / f"zero{stage}"
         run_cli(["train", *base_overrides(assets, out, *common, *DS, f"engine.zero_stage={stage}")], launcher=launcher)
         got = train_losses(out)
@@ -159,7 +167,7 @@ def test_zero3_exports_reload_with_equal_logits(assets, tmp_path):
     common = ["trainer.max_steps=4", "trainer.batch_size=2"]
     lora = ["peft=lora", "peft.r=4", "peft.dropout=0"]
     # LoRA under ZeRO-3 vs the same run on one process: the gathered adapters give the same logits.
-    run_cli(["train", *base_overrides(assets, tmp_path / "lora1", *common, *lora, "trainer.grad_accum=2")])
+    assert main(["train", *base_overrides(assets, tmp_path / "lora1", *common, *lora, "trainer.grad_accum=2")]) == 0
     run_cli(["train", *base_overrides(assets, tmp_path / "lora3", *common, *lora, *DS)], launcher=TORCHRUN)
     for name in ("lora1", "lora3"):
         assert main(["export", str(tmp_path / name / "checkpoints" / "step_4"), str(tmp_path / f"{name}_out")]) == 0
@@ -176,7 +184,7 @@ def test_zero3_exports_reload_with_equal_logits(assets, tmp_path):
     ckpt = tmp_path / "full3" / "checkpoints" / "step_4"
     assert not (ckpt / "model.safetensors").exists()
     assert main(["export", str(ckpt), str(tmp_path / "full3_out")]) == 0
-    run_cli(["train", *base_overrides(assets, tmp_path / "full1", *common, "trainer.grad_accum=2")])
+    assert main(["train", *base_overrides(assets, tmp_path / "full1", *common, "trainer.grad_accum=2")]) == 0
     assert main(["export", str(tmp_path / "full1" / "checkpoints" / "step_4"), str(tmp_path / "full1_out")]) == 0
     full3 = AutoModelForCausalLM.from_pretrained(tmp_path / "full3_out").eval()
     full1 = AutoModelForCausalLM.from_pretrained(tmp_path / "full1_out").eval()
@@ -185,11 +193,12 @@ def test_zero3_exports_reload_with_equal_logits(assets, tmp_path):
 
 @pytest.mark.slow
 def test_one_process_without_launcher_runs_zero2_with_offload(assets, tmp_path):
+    # DeepSpeed itself in a fresh process: its one-process group and communication backend are process-wide.
     out = tmp_path / "offload"
     run_cli(["train", *base_overrides(assets, out, "trainer.max_steps=3", *DS, "engine.zero_stage=2",
                                       "engine.offload_optimizer=cpu")])
     single = tmp_path / "single"
-    run_cli(["train", *base_overrides(assets, single, "trainer.max_steps=3")])
+    assert main(["train", *base_overrides(assets, single, "trainer.max_steps=3")]) == 0
     got, expected = train_losses(out), train_losses(single)
     assert sorted(got) == [1, 2, 3]
     for step in expected:

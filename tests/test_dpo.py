@@ -11,6 +11,7 @@ from data_pipelines.preference_corpus import write_preference_corpus
 from steptrain.config import ConfigError, load_config
 from steptrain.data import DataError
 from steptrain.data.preference import PairBatches, load_preference_data
+from steptrain.inputs import resolve_inputs
 from steptrain.models.loader import load_tokenizer
 from steptrain.objectives import LOSSES
 from steptrain.recipes import dpo
@@ -25,7 +26,11 @@ def pref(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pref_large(tmp_path_factory):
-    return write_preference_corpus(tmp_path_factory.mktemp("pref_large"), n_train=1200, n_eval=96, seed=0)
+    """Random-digit negatives only (the prompt's digits tell chosen from rejected): held-out accuracy after 150
+    steps was 0.79-0.95 over trainer seeds 0-4 x corpus seeds 0-1; with the wrong-order negatives mixed in,
+    0.58-0.78 (a 0.7 threshold fails on some seeds and machines)."""
+    return write_preference_corpus(tmp_path_factory.mktemp("pref_large"), n_train=1200, n_eval=96, seed=0,
+                                   negatives=("digits",))
 
 
 def dpo_args(assets, pref, out, *extra) -> list[str]:
@@ -44,7 +49,7 @@ def test_both_row_formats_give_the_same_pair_and_bad_rows_are_named(assets, pref
     swift = {"messages": [*prompt, {"role": "assistant", "content": "1 2 3"}], "rejected_response": "4 5 6"}
     trl = {"chosen": [*prompt, {"role": "assistant", "content": "1 2 3"}],
            "rejected": [*prompt, {"role": "assistant", "content": "4 5 6"}]}
-    (a_c, a_r), (b_c, b_r) = (load_preference_data([r], tok, cfg.data).pairs[0] for r in (swift, trl))
+    (a_c, a_r), (b_c, b_r) = (load_preference_data([r], tok, cfg.data, resolve_inputs(cfg, tok)).pairs[0] for r in (swift, trl))
     assert (a_c.input_ids, a_c.labels, a_r.input_ids, a_r.labels) == (b_c.input_ids, b_c.labels, b_r.input_ids, b_r.labels)
     # labels only on the last reply, and the two sides share the prompt tokens
     trained = [t for t, lab in zip(a_r.input_ids, a_r.labels, strict=True) if lab != -100]
@@ -62,8 +67,9 @@ def test_both_row_formats_give_the_same_pair_and_bad_rows_are_named(assets, pref
         one = tmp_path / f"bad{line}.jsonl"
         one.write_text("\n".join([lines[0]] * (line - 1) + [lines[line - 1]]) + "\n")
         with pytest.raises(DataError, match=rf"bad{line}\.jsonl:{line}: {reason}"):
-            load_preference_data([str(one)], tok, cfg.data)
-    skipped = load_preference_data([str(bad)], tok, load_config(dpo_args(assets, pref, tmp_path, "data.on_error=skip")).data)
+            load_preference_data([str(one)], tok, cfg.data, resolve_inputs(cfg, tok))
+    skip_cfg = load_config(dpo_args(assets, pref, tmp_path, "data.on_error=skip"))
+    skipped = load_preference_data([str(bad)], tok, skip_cfg.data, resolve_inputs(skip_cfg, tok))
     assert skipped.stats["pairs"] == 1 and sum(skipped.stats["skipped"].values()) == 3
 
 
@@ -127,11 +133,10 @@ def test_masked_audio_positions_contribute_nothing_to_reply_logps(assets, pref, 
     codes = 8
     cfg = load_config(dpo_args(assets, pref, tmp_path, f"model.audio_codes={codes}"))
     tok = load_tokenizer(cfg.model)
-    from steptrain.inputs import reply_audio_spec
 
     row = {"messages": [{"role": "user", "content": "say: 1 2"}, {"role": "assistant", "content": "1 2<audio>"}],
            "rejected_response": "3 4<audio>", "audio_codes": [[1, 2, 3, 4]], "rejected_audio_codes": [[5, 6, 7, 0]]}
-    pairs = load_preference_data([row], tok, cfg.data, reply=reply_audio_spec(tok, cfg.model, cfg.data)).pairs
+    pairs = load_preference_data([row], tok, cfg.data, resolve_inputs(cfg, tok)).pairs
     batch = PairBatches(pairs, tok.pad_token_id, None).batch([[0]])
     first, last = audio_code_ids(tok, codes)
     targets = torch.roll(batch["labels"], -1, dims=1)  # logits at t predict labels at t + 1
@@ -163,7 +168,7 @@ def test_masked_audio_positions_contribute_nothing_to_reply_logps(assets, pref, 
 @pytest.mark.slow
 def test_zero3_two_ranks_match_single_process(assets, pref, tmp_path):
     common = ["trainer.max_steps=3", "trainer.batch_size=4"]
-    run_cli(["train", *dpo_args(assets, pref, tmp_path / "single", *common, "trainer.grad_accum=2")])
+    dpo.run(load_config(dpo_args(assets, pref, tmp_path / "single", *common, "trainer.grad_accum=2")))
     run_cli(["train", *dpo_args(assets, pref, tmp_path / "zero3", *common, "engine=deepspeed")], launcher=TORCHRUN)
     single, zero3 = train_losses(tmp_path / "single"), train_losses(tmp_path / "zero3")
     assert sorted(zero3) == [1, 2, 3]
@@ -197,7 +202,7 @@ def test_shared_prompt_rows_score_each_reply_as_its_own_sequence(assets, pref, t
 
     cfg = load_config(dpo_args(assets, pref, tmp_path))
     tok = load_tokenizer(cfg.model)
-    pairs = load_preference_data([str(pref["eval"])], tok, cfg.data).pairs[:6]
+    pairs = load_preference_data([str(pref["eval"])], tok, cfg.data, resolve_inputs(cfg, tok)).pairs[:6]
     model, _ = load_model(cfg.model, tok)
     model.eval()
     engine = build_engine(cfg.engine, cfg.trainer, cfg.optim)
@@ -248,9 +253,10 @@ def test_dpo_on_a_speech_model_with_heard_audio_and_deaf_negatives(assets, tmp_p
     assert result["train"]["pairs"] == 4 and torch.isfinite(torch.tensor(result["train"]["loss"]))
     assert result["eval"]["eval/pairs"] == 6  # a quarter of 24 rows held out, without deaf negatives
 
-    from steptrain.engines import build_engine
     from steptrain.recipes.pairs import load_pairs
 
-    data = load_pairs(cfg, build_engine(cfg.engine, cfg.trainer, cfg.optim), load_tokenizer(cfg.model))
-    assert len(data.train.pairs) == 2 * 18 and data.features is not None  # 18 rows + one deaf pair each
+    tok = load_tokenizer(cfg.model)
+    inputs = resolve_inputs(cfg, tok)
+    data = load_pairs(cfg, tok, inputs)
+    assert len(data.train.pairs) == 2 * 18 and inputs.features is not None  # 18 rows + one deaf pair each
     assert all(chosen.audio and rejected.audio for chosen, rejected in data.train.pairs)

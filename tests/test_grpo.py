@@ -147,6 +147,7 @@ def test_rollouts_ignore_the_checkpoints_sampling_settings_and_stop_at_every_eos
 
 
 def test_bad_prompt_rows_name_their_line_or_are_skipped(assets, tmp_path):
+    from steptrain.inputs import resolve_inputs
     from steptrain.models.loader import load_tokenizer
     from steptrain.rollout.prompts import load_prompts
 
@@ -154,14 +155,15 @@ def test_bad_prompt_rows_name_their_line_or_are_skipped(assets, tmp_path):
             {"_source": "p.jsonl:2", "messages": [{"role": "user", "content": "q"}]}]
     cfg = load_config(_grpo(assets, tmp_path, "objective.rewards={accuracy:1.0}"))
     with pytest.raises(DataError, match=r"p\.jsonl:2: no solution"):
-        load_prompts(rows, load_tokenizer(cfg.model), cfg, None)
+        load_prompts(rows, tok := load_tokenizer(cfg.model), cfg, resolve_inputs(cfg, tok))
     cfg = load_config(_grpo(assets, tmp_path, "objective.rewards={accuracy:1.0}", "data.on_error=skip"))
-    prompts, left_out = load_prompts(rows, load_tokenizer(cfg.model), cfg, None)
+    prompts, left_out = load_prompts(rows, tok, cfg, resolve_inputs(cfg, tok))
     assert [p.row["_source"] for p in prompts] == ["p.jsonl:1"] and left_out == {"no solution": 1}
 
 
 def test_rollout_batch_layout(assets, tmp_path):
     from steptrain.engines.single import SingleEngine
+    from steptrain.inputs import resolve_inputs
     from steptrain.models.loader import load_model, load_tokenizer
     from steptrain.recipes.grpo import GRPOTask
     from steptrain.rollout.prompts import load_prompts
@@ -172,8 +174,10 @@ def test_rollout_batch_layout(assets, tmp_path):
     engine = SingleEngine(cfg.engine, cfg.trainer)
     engine.module, _ = load_model(cfg.model, tok)
     rows = [{"_source": f"p:{i}", "messages": [{"role": "user", "content": f"copy: {i} {i}"}]} for i in range(2)]
-    prompts, _ = load_prompts(rows, tok, cfg, None)
-    task = GRPOTask(cfg, engine, prompts, tok, build_rewards(cfg, engine.device, tok), None, None, [tok.eos_token_id])
+    inputs = resolve_inputs(cfg, tok)
+    prompts, _ = load_prompts(rows, tok, cfg, inputs)
+    task = GRPOTask(cfg, engine, prompts, tok, build_rewards(cfg, engine.device, tok, inputs.template), None, None,
+                    [tok.eos_token_id])
     torch.manual_seed(0)
     batch = task.batch([[0], [1]])
     assert batch["input_ids"].shape[0] == 8  # 2 prompts x 4 samples, prompt-major
@@ -210,12 +214,12 @@ def test_grpo_raises_the_reward(assets, tmp_path):
     assert main(["export", str(out / "checkpoints" / "step_30"), str(tmp_path / "export")]) == 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from steptrain.data import build_template
+    from steptrain.data import resolve_template
     from steptrain.rollout import generate_greedy
     from tests.rl_rewards import digit_share
 
     model, tok = AutoModelForCausalLM.from_pretrained(tmp_path / "export"), AutoTokenizer.from_pretrained(tmp_path / "export")
-    prompt = build_template("step", tok, bos=True).generation_prompt([{"role": "user", "content": "copy: 1 2"}])
+    prompt = resolve_template("step", tok, bos=True).generation_prompt([{"role": "user", "content": "copy: 1 2"}])
     texts = generate_greedy(model, tok, [prompt], max_new_tokens=6)
     assert digit_share(texts, [{}]) == [1.0], texts
 
@@ -244,7 +248,7 @@ def test_data_parallel_and_zero3_runs_match_one_process(assets, tmp_path, monkey
     common = ["trainer.max_steps=3", "peft=lora", "peft.dropout=0", "optim.lr=1e-2", "objective.critic_lr=3e-3"]
     if recipe == "grpo":
         common += ["objective.kl_beta=0.1", "objective.reference=adapter_off"]
-    run_cli(["train", *_grpo(assets, tmp_path / "one", *common, "trainer.grad_accum=2", recipe=recipe)])
+    assert main(["train", *_grpo(assets, tmp_path / "one", *common, "trainer.grad_accum=2", recipe=recipe)]) == 0
     one = {r["step"]: r for r in read_metrics(tmp_path / "one") if "reward" in r}
     for engine in engines:
         run_cli(["train", *_grpo(assets, tmp_path / engine, *common, f"engine={engine}", recipe=recipe)],
@@ -302,7 +306,7 @@ def test_ppo_critic_warmup_and_exact_resume(assets, tmp_path):
     ppo = ["objective.critic_lr=3e-3", "peft=lora", "peft.dropout=0", "objective.kl_beta=0.05",
            "objective.reference=adapter_off", "optim.hold_steps=2", "trainer.save_every=3", "optim.lr=1e-2",
            "trainer.max_steps=6"]
-    run_cli(["train", *_grpo(assets, tmp_path / "full", *ppo, recipe="ppo")])
+    assert main(["train", *_grpo(assets, tmp_path / "full", *ppo, recipe="ppo")]) == 0
     full = {r["step"]: r for r in read_metrics(tmp_path / "full") if "reward" in r}
     assert [full[s]["lr"] for s in (1, 2)] == [0.0, 0.0] and full[3]["lr"] > 0  # the critic warms up alone
     assert full[2]["kl"] == 0.0 and full[6]["kl"] != 0.0  # the policy moves only after the warm-up
@@ -314,7 +318,7 @@ def test_ppo_critic_warmup_and_exact_resume(assets, tmp_path):
     assert any("score" in k for k in critic)
     args = _grpo(assets, tmp_path / "cut", *ppo, recipe="ppo")
     kill_mid_run(["train", *args], tmp_path / "cut", at_step=4)
-    run_cli(["train", *args])
+    assert main(["train", *args]) == 0
     cut = {r["step"]: r for r in read_metrics(tmp_path / "cut") if "reward" in r}
     for step in (4, 5, 6):  # policy, critic and both optimizers resumed from step 3
         for key in ("reward", "loss", "grad_norm", "kl", "critic/loss", "critic/grad_norm", "critic/values"):

@@ -137,6 +137,7 @@ def test_layouts_megatron_cannot_build_fail_before_launch(assets, tmp_path):
 
 
 # --- torchrun ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_tp2_logits_equal_hf_logits(assets, models, tmp_path, arch):
     model = models[False] if arch == "qwen2" else _model(tmp_path / "llama", assets["model"], tied=False, arch=arch)
@@ -145,9 +146,10 @@ def test_tp2_logits_equal_hf_logits(assets, models, tmp_path, arch):
     assert _max_logit_gap(probe, model) < 1e-4
 
 
+@pytest.mark.slow
 def test_pipeline_interleaved_pipeline_and_data_parallel_match_single_process(assets, models, tmp_path):
     common = ["trainer.grad_accum=2"]
-    run_cli(["train", *_args(assets, models[False], tmp_path / "single", *common)])
+    assert main(["train", *_args(assets, models[False], tmp_path / "single", *common)]) == 0
     run_cli(["train", *_args(assets, models[False], tmp_path / "dp2", *MG)], launcher=TORCHRUN)  # 2 replicas x 1
     run_cli(["train", *_args(assets, models[False], tmp_path / "pp2", *common, *MG, "engine.pipeline_parallel=2")],
             launcher=TORCHRUN)
@@ -162,10 +164,11 @@ def test_pipeline_interleaved_pipeline_and_data_parallel_match_single_process(as
     assert evals[1] == pytest.approx(evals[0], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_tp2_pp2_on_four_ranks_trains_and_exports_to_hf(assets, models, tmp_path):
     """Tied embeddings across pipeline stages; the export's logits are the Megatron model's."""
     common = ["trainer.grad_accum=2"]
-    run_cli(["train", *_args(assets, models[True], tmp_path / "single", *common)])
+    assert main(["train", *_args(assets, models[True], tmp_path / "single", *common)]) == 0
     run_cli(["train", *_args(assets, models[True], tmp_path / "mg", *common, *MG, "engine.tensor_parallel=2",
                              "engine.pipeline_parallel=2")], launcher=FOUR)
     _same_curve(tmp_path / "single", tmp_path / "mg")
@@ -179,6 +182,7 @@ def test_tp2_pp2_on_four_ranks_trains_and_exports_to_hf(assets, models, tmp_path
     assert _max_logit_gap(probe, models[True]) > 1e-2  # it trained: the export is not the base model
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_at_tp2_resumes_at_tp1_and_pp2_with_identical_losses(assets, models, tmp_path):
     common = ["trainer.max_steps=6", "trainer.save_every=4", *MG]
     run_cli(["train", *_args(assets, models[False], tmp_path / "tp2", *common, "engine.tensor_parallel=2")],
@@ -196,9 +200,10 @@ def test_checkpoint_saved_at_tp2_resumes_at_tp1_and_pp2_with_identical_losses(as
             assert resumed[step] == pytest.approx(reference[step], rel=1e-6), (name, step)
 
 
+@pytest.mark.slow
 def test_lora_tp2_matches_single_and_merged_export_equals_megatron_logits(assets, models, tmp_path):
     lora = ["peft=lora", "peft.dropout=0", "peft.train_new_tokens=false", "peft.target_modules=[q_proj,v_proj,o_proj,up_proj,down_proj]"]
-    run_cli(["train", *_args(assets, models[False], tmp_path / "single", *lora)])
+    assert main(["train", *_args(assets, models[False], tmp_path / "single", *lora)]) == 0
     run_cli(["train", *_args(assets, models[False], tmp_path / "mg", *lora, *MG, "engine.tensor_parallel=2")],
             launcher=TORCHRUN)
     _same_curve(tmp_path / "single", tmp_path / "mg")
@@ -211,6 +216,7 @@ def test_lora_tp2_matches_single_and_merged_export_equals_megatron_logits(assets
     assert _max_logit_gap(probe, models[False]) > 1e-3
 
 
+@pytest.mark.slow
 def test_dpo_runs_unchanged_on_a_pipeline(assets, models, tmp_path):
     from data_pipelines.preference_corpus import write_preference_corpus
 
@@ -219,7 +225,7 @@ def test_dpo_runs_unchanged_on_a_pipeline(assets, models, tmp_path):
             f"data.eval_files=[{pref['eval']}]", "data.max_length=64", "trainer.batch_size=4", "trainer.grad_accum=2",
             "optim.lr=2e-3", "optim.warmup_ratio=0", "trainer.max_steps=3", "logging.progress_bar=false",
             "logging.tensorboard=false", "logging.plot=false"]
-    run_cli(["train", *args, f"output_dir={tmp_path / 'single'}"])
+    assert main(["train", *args, f"output_dir={tmp_path / 'single'}"]) == 0
     run_cli(["train", *args, f"output_dir={tmp_path / 'pp2'}", *MG, "engine.pipeline_parallel=2"], launcher=TORCHRUN)
     _same_curve(tmp_path / "single", tmp_path / "pp2")
     accuracy = [[r["eval/rewards/accuracy"] for r in read_metrics(tmp_path / d) if "eval/rewards/accuracy" in r]
@@ -227,13 +233,13 @@ def test_dpo_runs_unchanged_on_a_pipeline(assets, models, tmp_path):
     assert accuracy[0] == accuracy[1]
 
 
-def test_megatron_without_cuda_needs_the_explicit_cpu_switch(assets, models, tmp_path):
-    proc = run_cli(["train", *_args(assets, models[False], tmp_path / "x", "engine=megatron")], check=False)
-    assert proc.returncode != 0
-    assert "engine=megatron needs CUDA; on a machine without it set engine.megatron_cpu=true" in proc.stderr
+def test_megatron_without_cuda_needs_the_explicit_cpu_switch(assets, models, tmp_path, capsys):
+    assert main(["train", *_args(assets, models[False], tmp_path / "x", "engine=megatron")]) == 2
+    assert "engine=megatron needs CUDA; on a machine without it set engine.megatron_cpu=true" in capsys.readouterr().err
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_speech_llm_on_a_pipeline_keeps_encoder_and_adapter_on_the_first_stage(assets, tmp_path):
     from safetensors.torch import load_file
 
@@ -244,7 +250,7 @@ def test_speech_llm_on_a_pipeline_keeps_encoder_and_adapter_on_the_first_stage(a
             f"data.train_files=[{speech['asr_train']}]", f"data.eval_files=[{speech['asr_eval']}]",
             "data.max_length=128", "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.max_steps=3",
             "optim.lr=2e-3", "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false"]
-    run_cli(["train", *args, f"output_dir={tmp_path / 'single'}"])
+    assert main(["train", *args, f"output_dir={tmp_path / 'single'}"]) == 0
     run_cli(["train", *args, f"output_dir={tmp_path / 'pp2'}", *MG, "engine.pipeline_parallel=2"], launcher=TORCHRUN)
     _same_curve(tmp_path / "single", tmp_path / "pp2")
     single = load_file(tmp_path / "single" / "checkpoints" / "step_3" / "model.safetensors")

@@ -31,7 +31,7 @@ from steptrain.export.merge import (
     trim_by_magnitude,
 )
 from steptrain.models.presets import build_preset, preset_config
-from tests.conftest import base_overrides, run_cli
+from tests.conftest import base_overrides
 
 LOG = "steptrain.export.merge"
 
@@ -247,15 +247,16 @@ def test_cli_error_is_one_line(models, tmp_path, capsys):
     assert err == ["steptrain: error: method ties needs --base (the model the task vectors θ_i − θ_base start from)"]
 
 
-def test_cli_end_to_end_ties_with_a_lora_checkpoint(assets, models, tmp_path):
-    """`steptrain merge CKPT B OUT --method ties --base BASE --density 0.5` in a fresh process."""
+def test_cli_end_to_end_ties_with_a_lora_checkpoint(assets, models, tmp_path, capsys):
+    """`steptrain merge CKPT B OUT --method ties --base BASE --density 0.5` (the CLI's main, in-process)."""
     run = tmp_path / "run"
     assert main(["train", *base_overrides(assets, run, "peft=lora", "peft.r=4", "optim.lr=1e-2", "trainer.max_steps=2")]) == 0
     ckpt = run / "checkpoints" / "step_2"
     out = tmp_path / "merged"
-    proc = run_cli(["merge", str(ckpt), str(models["b"]), str(out), "--weights", "0.7", "0.3",
-                    "--method", "ties", "--base", str(assets["model"]), "--density", "0.5"])
-    assert f"merged: {out}" in proc.stdout
+    capsys.readouterr()
+    assert main(["merge", str(ckpt), str(models["b"]), str(out), "--weights", "0.7", "0.3",
+                 "--method", "ties", "--base", str(assets["model"]), "--density", "0.5"]) == 0
+    assert f"merged: {out}" in capsys.readouterr().out
 
     trained, _, _ = rebuild_from_checkpoint(ckpt)
     sc = trained.merge_and_unload().state_dict()

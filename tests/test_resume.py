@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import base_overrides, kill_mid_run, read_metrics, run_cli, train_losses
+from steptrain.cli import main
+from tests.conftest import base_overrides, kill_mid_run, read_metrics, train_losses
 
 STEPS = 30
 
@@ -21,13 +22,13 @@ STEPS = 30
 def test_sigkill_and_resume_matches_uninterrupted(assets, tmp_path, extra):
     common = [f"trainer.max_steps={STEPS}", "trainer.save_every=4", "trainer.keep_last=2", *extra]
     ref, broken = tmp_path / "ref", tmp_path / "broken"
-    run_cli(["train", *base_overrides(assets, ref, *common)])
+    assert main(["train", *base_overrides(assets, ref, *common)]) == 0  # in-process; the killed run is a fresh one
 
     args = base_overrides(assets, broken, *common)
     kill_mid_run(["train", *args], broken, at_step=11)
     survivors = sorted(p.name for p in (broken / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert survivors, "no checkpoint survived the kill"
-    run_cli(["train", *args, "resume=auto"])
+    assert main(["train", *args, "resume=auto"]) == 0
 
     expected, got = train_losses(ref), train_losses(broken)
     assert sorted(got) == list(range(1, STEPS + 1))

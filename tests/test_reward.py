@@ -65,7 +65,7 @@ def test_lora_reward_model_exports_as_a_sequence_classifier_with_equal_scores(as
 @pytest.mark.slow
 def test_zero3_two_ranks_match_single_process(assets, digits_pref, tmp_path):
     common = ["trainer.max_steps=3", "trainer.batch_size=4"]
-    run_cli(["train", *rm_args(assets, digits_pref, tmp_path / "single", *common, "trainer.grad_accum=2")])
+    reward.run(load_config(rm_args(assets, digits_pref, tmp_path / "single", *common, "trainer.grad_accum=2")))
     run_cli(["train", *rm_args(assets, digits_pref, tmp_path / "zero3", *common, "engine=deepspeed")], launcher=TORCHRUN)
     single, zero3 = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "zero3")
     assert [r["step"] for r in zero3] == [r["step"] for r in single]  # eval at 0, steps 1-3, eval at 3

@@ -10,7 +10,7 @@ from steptrain.cli import main
 from steptrain.config import load_saved_config
 from steptrain.data import collate, load_sft_data
 from steptrain.export import export_checkpoint, rebuild_from_checkpoint
-from steptrain.inputs import clip_features, speech_audio_spec
+from steptrain.inputs import clip_features, resolve_inputs
 from steptrain.models.forward import lm_logits
 from steptrain.models.loader import load_tokenizer
 from tests.conftest import read_metrics
@@ -29,7 +29,7 @@ def speech_args(assets, speech, out, *extra):
 def _audio_batch(ckpt, speech):
     cfg = load_saved_config(ckpt / "config.yaml")
     tok = load_tokenizer(cfg.model)
-    data = load_sft_data([str(speech["asr_eval"])], tok, cfg.data, audio=speech_audio_spec(tok, cfg.data))
+    data = load_sft_data([str(speech["asr_eval"])], tok, cfg.data, resolve_inputs(cfg, tok))
     return collate([[0], [1], [2]], data.examples, pad_id=tok.pad_token_id, packing=False, audio_features=clip_features)
 
 

@@ -3,7 +3,7 @@
 import pytest
 from data_helpers import ids, tiny_tokenizer
 
-from steptrain.data import DataError, Segment, build_template, encode_segments
+from steptrain.data import DataError, Segment, encode_segments, resolve_template
 
 M = -100  # ignored label
 
@@ -46,7 +46,7 @@ def test_vocab_sanity(tok):
 
 
 def test_step_segments(tok):
-    segments = build_template("step", tok).segments(CONVERSATION)
+    segments = resolve_template("step", tok).segments(CONVERSATION)
     assert segments == [
         Segment(
             "<s><|BOT|>system\nyou are a helpful bot.<|EOT|><|BOT|>human\nhi<|EOT|><|BOT|>assistant\n", False
@@ -62,13 +62,13 @@ def test_step_segments(tok):
     ("loss_on", "labels"), [("all_assistant", EXPECTED_ALL), ("last_assistant", EXPECTED_LAST)]
 )
 def test_exact_ids_and_labels(tok, name, loss_on, labels):
-    enc = encode(build_template(name, tok), tok, CONVERSATION, loss_on=loss_on)
+    enc = encode(resolve_template(name, tok), tok, CONVERSATION, loss_on=loss_on)
     assert enc.input_ids == EXPECTED_IDS
     assert enc.labels == labels
 
 
 def test_step_without_bos_and_default_system(tok):
-    template = build_template("step", tok, bos=False, default_system="you are a bot.")
+    template = resolve_template("step", tok, bos=False, default_system="you are a bot.")
     enc = encode(
         template, tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"}]
     )
@@ -87,7 +87,7 @@ def test_tool_role_maps_to_input(tok):
         {"role": "assistant", "content": "good"},
     ]
     for name in ("step", "jinja"):
-        enc = encode(build_template(name, tok), tok, messages)
+        enc = encode(resolve_template(name, tok), tok, messages)
         assert enc.input_ids == [1, 4, 6, 28, 29, 3, 4, 7, 31, 3, 4, 8, 30, 3, 4, 7, 32, 3]
         assert enc.labels == [M] * 8 + [31, 3] + [M] * 6 + [32, 3]
 
@@ -98,12 +98,12 @@ def test_generation_prompt_matches_between_templates(tok):
         "<s><|BOT|>system\nyou are a helpful bot.<|EOT|><|BOT|>human\nhi<|EOT|><|BOT|>assistant\n"
         "hello, how are you?<|EOT|><|BOT|>human\nhow is the weather?<|EOT|><|BOT|>assistant\n"
     )
-    assert build_template("step", tok).generation_prompt(prompt) == expected
-    assert build_template("jinja", tok).generation_prompt(prompt) == expected
+    assert resolve_template("step", tok).generation_prompt(prompt) == expected
+    assert resolve_template("jinja", tok).generation_prompt(prompt) == expected
 
 
 def test_jinja_trailing_user_turn_is_context(tok):
-    segments = build_template("jinja", tok).segments(CONVERSATION[1:4])
+    segments = resolve_template("jinja", tok).segments(CONVERSATION[1:4])
     assert segments == [
         Segment("<s><|BOT|>human\nhi<|EOT|><|BOT|>assistant\n", False),
         Segment("hello, how are you?<|EOT|>", True),
@@ -120,9 +120,9 @@ def test_jinja_not_prefix_stable_raises():
         "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
     )
     tok = tiny_tokenizer(chat_template=unstable)
-    template = build_template("jinja", tok)
+    template = resolve_template("jinja", tok)
     assert template.segments(CONVERSATION[:3])[-1] == Segment("hello, how are you?", True)  # one turn is fine
-    with pytest.raises(DataError, match=r"^chat template is not prefix-stable: .*use data.template=step$"):
+    with pytest.raises(DataError, match=r"^chat template is not prefix-stable: .*use data.template=step or plain$"):
         template.segments(CONVERSATION)
 
 
@@ -134,12 +134,12 @@ def test_step_requires_single_token_markers():
     plain.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=plain, bos_token="<s>", unk_token="<unk>")
     with pytest.raises(DataError, match=r"^data.template=step but <\|BOT\|> is not a single token"):
-        build_template("step", tok)
+        resolve_template("step", tok)
 
 
 def test_jinja_requires_a_chat_template():
     with pytest.raises(DataError, match="no chat_template"):
-        build_template("jinja", tiny_tokenizer(chat_template=None))
+        resolve_template("jinja", tiny_tokenizer(chat_template=None))
 
 
 # --- encode_segments: truncation -------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 from steptrain.cli import main
 from steptrain.config import ConfigError, load_config
 from steptrain.data import DataError, load_sft_data
-from steptrain.inputs import reply_audio_spec
+from steptrain.inputs import resolve_inputs
 from steptrain.models.loader import audio_code_ids, load_tokenizer
 from tests.conftest import read_metrics
 
@@ -41,8 +41,9 @@ def test_spoken_replies_become_trained_audio_tokens(assets, tts, tmp_path):
     tok = load_tokenizer(cfg.model)
     first, last = audio_code_ids(tok, CODES)
     assert last - first == CODES - 1 and tok.convert_tokens_to_ids("<tts_start>") == last + 1
-    reply = reply_audio_spec(tok, cfg.model, cfg.data)
-    (ex,) = load_sft_data([str(tts["tts_eval"])], tok, cfg.data, reply=reply).examples[:1]
+    inputs = resolve_inputs(cfg, tok)
+    reply = inputs.reply
+    (ex,) = load_sft_data([str(tts["tts_eval"])], tok, cfg.data, inputs).examples[:1]
     trained = [t for t, label in zip(ex.input_ids, ex.labels, strict=True) if label != -100]
     assert trained[0] == reply.start_id and trained[-2:] == [reply.end_id, tok.convert_tokens_to_ids("<|EOT|>")]
     codes = trained[1:-2]
@@ -52,22 +53,23 @@ def test_spoken_replies_become_trained_audio_tokens(assets, tts, tmp_path):
     # audio_codes given in the row are used as-is, and a wrong count is named
     row = json.loads(tts["tts_eval"].read_text().splitlines()[0])
     row["audio_codes"] = [[3, 1, 4]]
-    got = load_sft_data([row], tok, cfg.data, reply=reply).examples[0]
+    got = load_sft_data([row], tok, cfg.data, inputs).examples[0]
     assert [t for t, lab in zip(got.input_ids, got.labels, strict=True) if lab != -100][:5] == [
         reply.start_id, first + 3, first + 1, first + 4, reply.end_id]
     row["audio_codes"] = [[1], [2]]
     with pytest.raises(DataError, match="audio_codes count mismatch"):
-        load_sft_data([row], tok, cfg.data, reply=reply)
+        load_sft_data([row], tok, cfg.data, inputs)
 
 
 def test_spoken_reply_transcript_interleaves_with_its_audio_tokens(assets, tts, tmp_path):
     cfg = load_config(tts_args(assets, tts, tmp_path / "x", "data.reply_interleave=2:3"))
     tok = load_tokenizer(cfg.model)
-    reply = reply_audio_spec(tok, cfg.model, cfg.data)
+    inputs = resolve_inputs(cfg, tok)
+    reply = inputs.reply
     assert reply.interleave == (2, 3)
     row = {"messages": [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": "7 8 9<audio>"}],
            "audio_codes": [[3, 1, 4, 1, 5]]}
-    ex = load_sft_data([row], tok, cfg.data, reply=reply).examples[0]
+    ex = load_sft_data([row], tok, cfg.data, inputs).examples[0]
     text = tok("7 8 9", add_special_tokens=False)["input_ids"]
     assert len(text) >= 3
     a = [reply.first_id + k for k in (3, 1, 4, 1, 5)]

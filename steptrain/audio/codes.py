@@ -1,10 +1,11 @@
 """Discrete audio tokens: Step-Audio v1 dual-codebook interleaving, code <-> LLM id maps, and
 text/audio interleaving for spoken replies.
 
-Step-Audio v1 (STEP_FACTS [code]): linguistic codes "vq02" (1024 codes, 16.7 Hz) and semantic codes
-"vq06" (4096 codes, 25 Hz) are interleaved 2:3 per 120 ms group, linguistic first; a trailing
-incomplete group is dropped. Code space: k = vq02 (0..1023) or 1024 + vq06 (1024..5119); LLM id =
-65536 + k. Step-Audio 2: CosyVoice2 codes 0..6560 plus the audio pad 6561; LLM id = 151696 + k.
+Step-Audio v1: linguistic codes "vq02" (1024 codes, 16.7 Hz) and semantic codes "vq06" (4096 codes,
+25 Hz) are interleaved 2:3 per 120 ms group, linguistic first; a trailing incomplete group is dropped.
+Code space: k = vq02 (0..1023) or 1024 + vq06 (1024..5119); LLM id = 65536 + k. Step-Audio 2:
+CosyVoice2 codes 0..6560 plus the audio pad 6561; LLM id = 151696 + k. Sources: docs/step_facts.md,
+sections 1 and 3.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from steptrain.config.schema import TrainConfig
+from steptrain.config.schema import DEFAULT_RL_REWARDS, TrainConfig
 from steptrain.config.validate import ConfigError, validate
+from steptrain.recipes import RECIPES
 
 SCHEMA_NAME = "train_schema"
 
@@ -92,11 +93,30 @@ def _explain(exc: Exception) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _check_experiment(overrides: list[str], cdir: Path) -> None:
+    """``experiment`` is an optional group in train.yaml, so Hydra would silently skip a mistyped one."""
+    for o in overrides:
+        key, _, name = o.partition("=")
+        if key.lstrip("+~") != "experiment" or not name or name == "null":
+            continue
+        choices = sorted(p.stem for p in (cdir / "experiment").glob("*.yaml"))
+        if name not in choices:
+            raise ConfigError(f"unknown choice experiment={name}; valid choices for experiment: {', '.join(choices)}")
+
+
+def apply_recipe_defaults(cfg: DictConfig) -> None:
+    """Defaults that depend on the recipe: online RL without ``objective.rewards`` scores completions with
+    the verifiable ``accuracy`` reward against each row's ``solution`` (ms-swift's GRPO data)."""
+    if RECIPES[cfg.recipe.name].online_rl and not cfg.objective.rewards:
+        cfg.objective.rewards = dict(DEFAULT_RL_REWARDS)
+
+
 def load_config(overrides: list[str], config_dir: str | Path | None = None) -> DictConfig:
     """Compose ``train.yaml`` + ``overrides`` into a validated, resolved, read-only config."""
     _register_schema()
     GlobalHydra.instance().clear()
     cdir = Path(config_dir) if config_dir else default_config_dir()
+    _check_experiment(list(overrides), cdir)
     try:
         with initialize_config_dir(config_dir=str(cdir), version_base=None):
             cfg = compose(config_name="train", overrides=_dict_overrides(list(overrides)))
@@ -105,6 +125,8 @@ def load_config(overrides: list[str], config_dir: str | Path | None = None) -> D
         raise ConfigError(_explain(exc)) from None
     finally:
         GlobalHydra.instance().clear()
+    if cfg.recipe.name in RECIPES:  # an unknown recipe is validate()'s to report
+        apply_recipe_defaults(cfg)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

@@ -12,10 +12,16 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from steptrain.data.templates import TEMPLATES
+from steptrain.engines import ENGINES
+from steptrain.objectives.registry import ADVANTAGES, PREFERENCE_LOSSES
+from steptrain.recipes import RECIPES
+from steptrain.rollout.registry import REWARDS
+
 
 @dataclass
 class RecipeConfig:
-    name: str = "sft"  # which file in steptrain/recipes runs the loop
+    name: str = "sft"  # which recipe runs the loop: a name in steptrain/recipes/__init__.py (RECIPES)
 
 
 @dataclass
@@ -38,8 +44,13 @@ class ModelConfig:
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
-    template: str = "step"  # step | jinja (the tokenizer's own chat template)
-    step_bos: bool = True  # put the BOS token in front of the step template (ms-swift `step_audio`)
+    # auto: resolved per checkpoint and tokenizer before the model is built (steptrain/data/templates.py:
+    # Step family -> step, a tokenizer chat template -> jinja, <|BOT|>/<|EOT|> -> step, else plain) and
+    # recorded in config.yaml | step | jinja (the tokenizer's own chat template) | plain (User:/Assistant:)
+    template: str = "auto"
+    # BOS in front of the step / plain template; null: the convention (step1: yes, step_audio_2: no, other
+    # step tokenizers: when they have a BOS, plain: when the tokenizer adds BOS by itself)
+    bos: bool | None = None
     system: str | None = None  # default system prompt for rows without one
     loss_on: str = "all_assistant"  # all_assistant | last_assistant
     max_length: int = 1024
@@ -64,7 +75,7 @@ class DataConfig:
 class ObjectiveConfig:
     audio_loss_weight: float = 1.0  # weight of discrete-audio-token targets relative to text targets
     # --- preference optimisation (recipe=dpo) ---
-    loss: str = "sigmoid"  # sigmoid | ipo | cdpo | robust | simpo | orpo (see steptrain/objectives/preference.py)
+    loss: str = "sigmoid"  # a name in steptrain/objectives/registry.py (PREFERENCE_LOSSES; math: preference.py)
     beta: float = 0.1
     label_smoothing: float = 0.0  # cdpo / robust: assumed fraction of flipped preference labels
     simpo_gamma: float = 0.5  # SimPO's target reward margin
@@ -81,11 +92,11 @@ class ObjectiveConfig:
     # the prompt's compute is shared. Text-only data; heard audio always uses two rows.
     share_prompt: bool = True
     # --- online RL (recipe=grpo); see steptrain/objectives/rl.py and steptrain/rollout/rewards.py ---
-    # Reward name -> weight (0: off); the reward of a completion is the weighted sum. Built-ins: accuracy,
-    # reasoning, mgrd, think_length, cer, reward_model; other names are looked up in reward_functions.
+    # Reward name -> weight (0: off); the reward of a completion is the weighted sum. Built-ins: REWARDS in
+    # steptrain/rollout/registry.py (accuracy, mgrd, ...); other names are looked up in reward_functions.
     rewards: dict[str, float] = field(default_factory=dict)
     reward_functions: dict[str, str] = field(default_factory=dict)  # your own: name -> "module:function"
-    advantage: str = "group"  # group (GRPO: (R - mean) / std) | mean (Dr. GRPO: R - mean) | rloo
+    advantage: str = "group"  # group (GRPO) | mean (Dr. GRPO) | rloo: ADVANTAGES in steptrain/objectives/registry.py
     clip_eps: float = 0.2  # PPO clip range below 1 ...
     clip_eps_high: float = 0.2  # ... and above it (DAPO's clip-higher uses 0.28)
     kl_beta: float = 0.0  # weight of the k3 KL to the reference (objective.reference: adapter_off | model)
@@ -127,7 +138,7 @@ class PeftConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "single"  # single | ddp | deepspeed | megatron
+    name: str = "single"  # a name in steptrain/engines/__init__.py (ENGINES)
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     device: str = "auto"  # auto | cpu | cuda
     find_unused_parameters: bool = False
@@ -214,25 +225,28 @@ class TrainConfig:
     experiment: str | None = None  # name of the preset this run started from (informational)
 
 
-# objective.rewards names that need no objective.reward_functions entry (steptrain/rollout/rewards.py).
-BUILTIN_REWARDS = ("accuracy", "reasoning", "mgrd", "think_length", "cer", "reward_model")
+# objective.rewards of an online-RL run that names none (steptrain/config/compose.py: apply_recipe_defaults).
+DEFAULT_RL_REWARDS = {"accuracy": 1.0}
+
+# objective.rewards names that need no objective.reward_functions entry (steptrain/rollout/registry.py).
+BUILTIN_REWARDS = tuple(REWARDS)
 
 # Allowed values of enumerated string fields, checked in validate.py with the valid choices named.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "recipe.name": ("sft", "dpo", "reward", "grpo", "ppo"),
-    "objective.advantage": ("group", "mean", "rloo"),
+    "recipe.name": tuple(RECIPES),
+    "objective.advantage": tuple(ADVANTAGES),
     "objective.loss_agg": ("token", "sequence"),
-    "objective.loss": ("sigmoid", "ipo", "cdpo", "robust", "simpo", "orpo"),
+    "objective.loss": tuple(PREFERENCE_LOSSES),
     "objective.reference": ("precompute", "adapter_off", "model"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "model.new_token_init": ("mean", "random"),
-    "data.template": ("step", "jinja"),
+    "data.template": TEMPLATES,
     "data.loss_on": ("all_assistant", "last_assistant"),
     "data.truncation": ("right", "left", "drop"),
     "data.on_error": ("error", "skip"),
     "peft.method": ("none", "lora"),
-    "engine.name": ("single", "ddp", "deepspeed", "megatron"),
+    "engine.name": tuple(ENGINES),
     "engine.zero_stage": (0, 1, 2, 3),
     "engine.offload_optimizer": ("none", "cpu"),
     "engine.offload_param": ("none", "cpu"),

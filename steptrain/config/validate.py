@@ -12,6 +12,21 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from steptrain.config.schema import BUILTIN_REWARDS, CHOICES
+from steptrain.engines import ENGINES
+from steptrain.objectives.registry import PREFERENCE_LOSSES, PreferenceLoss, names_with
+from steptrain.recipes import RECIPES, Recipe
+from steptrain.rollout.registry import REWARDS
+
+# Stand-ins for a name the choices check already rejected: no property set, so no rule of theirs applies.
+_UNKNOWN_RECIPE, _UNKNOWN_LOSS = Recipe(module=""), PreferenceLoss(summary="")
+
+
+def _recipe(cfg: DictConfig) -> Recipe:
+    return RECIPES.get(cfg.recipe.name, _UNKNOWN_RECIPE)
+
+
+def _loss(cfg: DictConfig) -> PreferenceLoss:
+    return PREFERENCE_LOSSES.get(cfg.objective.loss, _UNKNOWN_LOSS)
 
 
 class ConfigError(ValueError):
@@ -44,6 +59,10 @@ def validate(cfg: DictConfig) -> None:
         fail("model.preset needs model.tokenizer_path (a tokenizer directory)")
     if m.encoder_path and not m.llm_path:
         fail("model.encoder_path goes with model.llm_path (a speech model assembled from parts)")
+    if m.llm_path and not m.encoder_path and m.freeze_encoder:
+        fail("model.llm_path without model.encoder_path starts the audio encoder from random weights, and "
+             "model.freeze_encoder=true would keep it random: set model.encoder_path (an HF Whisper directory or "
+             "a saved steptrain encoder) or model.freeze_encoder=false")
     for key in ("path", "llm_path", "encoder_path"):
         if m[key] and not Path(m[key]).is_dir():
             fail(f"model.{key}={m[key]!r} is not a directory")
@@ -117,19 +136,20 @@ def validate(cfg: DictConfig) -> None:
         if not (tm == "all-linear" or OmegaConf.is_list(tm) and len(tm) > 0):
             fail(f"peft.target_modules={tm!r} must be 'all-linear' or a non-empty list of module names")
 
-    o = cfg.objective
-    if cfg.recipe.name in ("dpo", "reward") and cfg.data.packing:
+    o, recipe = cfg.objective, _recipe(cfg)
+    if recipe.pairs and cfg.data.packing:
         fail(f"data.packing is not supported by recipe={cfg.recipe.name} (pairs are batched padded)")
-    if cfg.recipe.name == "dpo":
+    if recipe.preference_loss:
         if o.beta <= 0:
             fail(f"objective.beta={o.beta} must be positive")
         if not 0.0 <= o.label_smoothing < 0.5:
             fail(f"objective.label_smoothing={o.label_smoothing} must be in [0, 0.5)")
-        if o.label_smoothing and o.loss not in ("cdpo", "robust"):
-            fail(f"objective.label_smoothing is used by objective.loss=cdpo|robust, not {o.loss}")
+        if o.label_smoothing and not _loss(cfg).uses_label_smoothing:
+            smoothed = "|".join(names_with(PREFERENCE_LOSSES, "uses_label_smoothing"))
+            fail(f"objective.label_smoothing is used by objective.loss={smoothed}, not {o.loss}")
         _check_reference(cfg, fail)
 
-    if cfg.recipe.name in ("grpo", "ppo"):
+    if recipe.online_rl:
         _check_rl(cfg, fail)
 
     e = cfg.engine
@@ -145,6 +165,9 @@ def validate(cfg: DictConfig) -> None:
         if e.config_file and not Path(e.config_file).is_file():
             fail(f"engine.config_file={e.config_file!r} does not exist")
 
+    runs = ENGINES[e.name].recipes if e.name in ENGINES else None
+    if runs is not None and cfg.recipe.name not in runs:
+        fail(f"engine={e.name} runs recipe={'|'.join(runs)} (not {cfg.recipe.name})")
     if e.name == "megatron":
         _check_megatron(cfg, fail)
 
@@ -170,8 +193,8 @@ def _check_reference(cfg: DictConfig, fail) -> None:
 
 def _check_rl(cfg: DictConfig, fail) -> None:
     """recipe=grpo|ppo: sampling, rewards, the KL reference, and (PPO) the critic."""
-    o, r = cfg.objective, cfg.rollout
-    if cfg.recipe.name == "grpo" and r.num_generations < 2:
+    o, r, recipe = cfg.objective, cfg.rollout, _recipe(cfg)
+    if recipe.group_relative and r.num_generations < 2:
         fail(f"rollout.num_generations={r.num_generations} must be >= 2 (advantages compare a prompt's samples)")
     if r.num_generations < 1:
         fail(f"rollout.num_generations={r.num_generations} must be >= 1")
@@ -188,8 +211,9 @@ def _check_rl(cfg: DictConfig, fail) -> None:
         if name not in BUILTIN_REWARDS and name not in o.reward_functions:
             fail(f"objective.rewards: {name!r} is neither a built-in ({', '.join(BUILTIN_REWARDS)}) nor in "
                  f"objective.reward_functions (name -> 'module:function')")
-    if "reward_model" in o.rewards and not (o.reward_model_path and Path(o.reward_model_path).is_dir()):
-        fail(f"the reward_model reward needs objective.reward_model_path=DIR (got {o.reward_model_path!r})")
+    for name in o.rewards:
+        if name in REWARDS and REWARDS[name].needs_model and not (o.reward_model_path and Path(o.reward_model_path).is_dir()):
+            fail(f"the {name} reward needs objective.reward_model_path=DIR (got {o.reward_model_path!r})")
     if o.clip_eps <= 0 or o.clip_eps_high <= 0 or o.clip_eps >= 1:
         fail(f"objective.clip_eps={o.clip_eps} must be in (0, 1) and objective.clip_eps_high={o.clip_eps_high} > 0")
     if o.kl_beta < 0:
@@ -201,13 +225,14 @@ def _check_rl(cfg: DictConfig, fail) -> None:
         _check_reference(cfg, fail)
     if cfg.data.packing:
         fail(f"data.packing is not supported by recipe={cfg.recipe.name} (prompts are sampled as groups)")
-    if cfg.recipe.name == "ppo":
+    if recipe.critic:
         m = cfg.model
         critic = o.critic_path or m.path
         if m.llm_path:
-            fail("recipe=ppo trains text LLMs (its critic is a token classifier); use recipe=grpo for speech models")
+            fail(f"recipe={cfg.recipe.name} trains text LLMs (its critic is a token classifier); use recipe=grpo "
+                 "for speech models")
         elif not critic or not Path(critic).is_dir():
-            fail(f"recipe=ppo needs a critic: objective.critic_path=DIR or model.path=DIR (got {critic!r})")
+            fail(f"recipe={cfg.recipe.name} needs a critic: objective.critic_path=DIR or model.path=DIR (got {critic!r})")
         if o.critic_lr is not None and o.critic_lr <= 0:
             fail(f"objective.critic_lr={o.critic_lr} must be > 0")
         if not (0.0 <= o.gamma <= 1.0 and 0.0 <= o.lam <= 1.0) or o.value_clip <= 0:
@@ -259,11 +284,9 @@ def _check_megatron(cfg: DictConfig, fail) -> None:
         elif layers % (pp * vpp):
             fail(f"the model's {layers} layers do not split evenly over engine.pipeline_parallel={pp} "
                  f"x virtual_pipeline={vpp}")
-    if cfg.recipe.name not in ("sft", "dpo"):
-        fail(f"engine=megatron runs recipe=sft|dpo (not {cfg.recipe.name})")
     if (cfg.model.llm_path or cfg.model.encoder_path or "speech" in (cfg.model.preset or "")) and cfg.peft.method != "none":
         fail("engine=megatron trains a speech LLM's LLM and adapter in full: set peft=none (LoRA: engine=deepspeed)")
-    if cfg.recipe.name == "dpo" and o.reference in ("adapter_off", "model") and o.loss not in ("simpo", "orpo"):
+    if _recipe(cfg).preference_loss and o.reference in ("adapter_off", "model") and not _loss(cfg).reference_free:
         fail(f"objective.reference={o.reference} is not supported on engine=megatron; use reference=precompute")
     if cfg.trainer.generate_eval:
         fail("trainer.generate_eval is not supported on engine=megatron (set 0; export and evaluate with "

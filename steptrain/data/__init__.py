@@ -6,7 +6,8 @@ from steptrain.data.dataset import SFTData, load_sft_data
 from steptrain.data.encode import IGNORE_INDEX, Encoded, encode_segments
 from steptrain.data.errors import DataError
 from steptrain.data.reader import read_rows, row_messages
-from steptrain.data.templates import ChatTemplate, Segment, build_template
+from steptrain.data.run_inputs import RunInputs
+from steptrain.data.templates import TEMPLATES, ChatTemplate, Segment, resolve_template
 
 __all__ = [
     "AUDIO_TAG",
@@ -14,17 +15,19 @@ __all__ = [
     "AudioSpec",
     "ReplyAudioSpec",
     "IGNORE_INDEX",
+    "TEMPLATES",
     "ChatTemplate",
     "DataError",
     "Encoded",
     "SFTData",
     "Segment",
-    "build_template",
     "collate",
     "encode_segments",
     "load_sft_data",
     "plan_epoch",
     "read_rows",
+    "resolve_template",
     "row_messages",
+    "RunInputs",
     "to_device",
 ]

@@ -9,7 +9,8 @@ from steptrain.data.audio_spans import AudioSpec, ReplyAudioSpec, audio_in_last_
 from steptrain.data.encode import IGNORE_INDEX, Encoded, fit_length, tokenize_with_audio
 from steptrain.data.errors import DataError
 from steptrain.data.reader import read_rows, row_messages
-from steptrain.data.templates import NOT_PREFIX_STABLE, build_template
+from steptrain.data.run_inputs import RunInputs
+from steptrain.data.templates import NOT_PREFIX_STABLE
 
 
 @dataclass
@@ -42,14 +43,12 @@ def encode_row(
     return example, len(input_ids) > data_cfg.max_length
 
 
-def load_sft_data(
-    files: list[str] | list[dict], tokenizer, data_cfg, audio: AudioSpec | None = None,
-    reply: ReplyAudioSpec | None = None,
-) -> SFTData:
-    """Read, render and tokenize `files` as configured by `data_cfg` (a DataConfig); logs nothing.
+def load_sft_data(files: list[str] | list[dict], tokenizer, data_cfg, inputs: RunInputs) -> SFTData:
+    """Read, render (``inputs.template``) and tokenize `files` as configured by `data_cfg` (a DataConfig);
+    logs nothing.
 
-    With ``audio`` (speech models), ``<audio>`` tags become placeholder spans and the clips are kept on
-    each example for ``collate``; without it, a row with audio input is a bad row. With ``reply``,
+    With ``inputs.audio`` (speech models), ``<audio>`` tags become placeholder spans and the clips are kept
+    on each example for ``collate``; without it, a row with audio input is a bad row. With ``inputs.reply``,
     ``<audio>`` in assistant turns becomes trained discrete audio tokens (TTS, spoken replies).
 
     `files` may instead hold rows already returned by `read_rows` (e.g. what is left after holding out
@@ -64,16 +63,13 @@ def load_sft_data(
     else:
         rows, read_skipped = read_rows(list(files), on_error=data_cfg.on_error)
         skipped = Counter(read_skipped)
-    template = build_template(
-        data_cfg.template, tokenizer, bos=data_cfg.step_bos, default_system=data_cfg.system
-    )
     examples: list[Encoded] = []
     stats = Counter()
     for n, row in enumerate(rows, 1):
         if "_source" not in row:
             row = {**row, "_source": f"row {n}"}
         try:
-            example, too_long = encode_row(row, template, tokenizer, data_cfg, audio, reply)
+            example, too_long = encode_row(row, inputs.template, tokenizer, data_cfg, inputs.audio, inputs.reply)
         except DataError as e:
             if data_cfg.on_error == "error" or e.reason == NOT_PREFIX_STABLE:
                 raise e.at(row["_source"]) from None

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steptrain.data.audio_spans import AUDIO_TAG, AudioSpec, ReplyAudioSpec
+from steptrain.data.audio_spans import AUDIO_TAG
 from steptrain.data.batching import collate
 from steptrain.data.dataset import encode_row
 from steptrain.data.encode import IGNORE_INDEX, Encoded
 from steptrain.data.errors import DataError
 from steptrain.data.reader import read_rows, validate_row
-from steptrain.data.templates import NOT_PREFIX_STABLE, build_template
+from steptrain.data.run_inputs import RunInputs
+from steptrain.data.templates import NOT_PREFIX_STABLE
 
 REJECTED_KEYS = {"audio_codes": "rejected_audio_codes", "audios": "rejected_audios"}
 
@@ -95,17 +96,13 @@ def read_preference_rows(files: list[str], on_error: str = "error") -> tuple[lis
     return read_rows(files, on_error=on_error, check=normalize_preference_row)
 
 
-def load_preference_data(
-    files: list[str] | list[dict], tokenizer, data_cfg, audio: AudioSpec | None = None,
-    reply: ReplyAudioSpec | None = None,
-) -> PreferenceData:
+def load_preference_data(files: list[str] | list[dict], tokenizer, data_cfg, inputs: RunInputs) -> PreferenceData:
     """Read and encode preference pairs; a pair is dropped (and counted) when either side is."""
     if files and isinstance(files[0], dict):
         rows, skipped = list(files), Counter()
     else:
         rows, read_skipped = read_preference_rows(list(files), on_error=data_cfg.on_error)
         skipped = Counter(read_skipped)
-    template = build_template(data_cfg.template, tokenizer, bos=data_cfg.step_bos, default_system=data_cfg.system)
     pairs: list[tuple[Encoded, Encoded]] = []
     margins: list[float] = []
     stats = Counter()
@@ -116,7 +113,7 @@ def load_preference_data(
             margin = row.get("margin", 0.0)
             if isinstance(margin, bool) or not isinstance(margin, int | float):
                 raise DataError("bad margin", f"'margin' must be a number, got {margin!r}")
-            sides = [encode_row(r, template, tokenizer, data_cfg, audio, reply, loss_on="last_assistant")
+            sides = [encode_row(r, inputs.template, tokenizer, data_cfg, inputs.audio, inputs.reply, loss_on="last_assistant")
                      for r in (row, rejected_conversation(row))]
         except DataError as e:
             if data_cfg.on_error == "error" or e.reason == NOT_PREFIX_STABLE:

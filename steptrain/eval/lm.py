@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from steptrain.data import AudioSpec, collate, plan_epoch, row_messages, to_device
+from steptrain.data import RunInputs, collate, plan_epoch, row_messages, to_device
 from steptrain.data.prompts import encode_prompt
 from steptrain.eval.asr import error_rates
 from steptrain.objectives import lm_loss_sum, stats_vector, summarize_stats
@@ -48,23 +48,21 @@ def evaluate_loss(
     return summarize_stats(totals, prefix="eval/")
 
 
-def generation_metrics(
-    engine, tokenizer, template, rows: list[dict], *, max_new_tokens: int, audio: AudioSpec | None = None,
-    audio_features=None,
-) -> dict:
-    """Greedy-decode the last assistant reply of each row from its preceding turns.
+def generation_metrics(engine, tokenizer, inputs: RunInputs, rows: list[dict], *, max_new_tokens: int) -> dict:
+    """Greedy-decode the last assistant reply of each row from its preceding turns (``inputs.template``).
 
     Reports exact match (fraction of replies exactly right) and corpus CER/WER, gathered over ranks.
-    With ``audio`` (a speech model), the prompt's ``<audio>`` tags become placeholder spans and the
-    clips' features (``audio_features(clip)``) go to the model with it.
+    With ``inputs.audio`` (a speech model), the prompt's ``<audio>`` tags become placeholder spans and the
+    clips' features (``inputs.features(clip)``) go to the model with it.
     """
+    audio, audio_features = inputs.audio, inputs.features
     mine, counted = rank_share(engine, rows)
     prompts, refs, clips = [], [], []
     for row in mine:
         messages = row_messages(row)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         refs.append(messages[last]["content"].strip())
-        prompt = encode_prompt(row, messages[:last], template, tokenizer, audio)
+        prompt = encode_prompt(row, messages[:last], inputs.template, tokenizer, audio)
         prompts.append(prompt.ids)
         clips.append([audio_features(c) for c in prompt.clips])
     preds = (

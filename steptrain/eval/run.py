@@ -12,11 +12,11 @@ from omegaconf import OmegaConf
 
 from steptrain.checkpoint.manager import COMPLETE
 from steptrain.config.schema import TrainConfig
-from steptrain.data import build_template, load_sft_data, read_rows
+from steptrain.data import load_sft_data, read_rows
 from steptrain.engines.single import SingleEngine
 from steptrain.eval.lm import evaluate_loss, generation_metrics
-from steptrain.inputs import clip_features, reply_audio_spec, speech_audio_spec
-from steptrain.models.loader import audio_code_ids, is_speech_config, load_model, load_tokenizer
+from steptrain.inputs import resolve_inputs
+from steptrain.models.loader import load_model, load_tokenizer
 
 
 def with_overrides(cfg, overrides: list[str]):
@@ -49,16 +49,11 @@ def evaluate_model(model_dir: str, data_files: list[str], *, max_new_tokens: int
     model, tokenizer, cfg = load_for_inference(model_dir, list(overrides))
     rows, _ = read_rows(list(data_files), on_error=cfg.data.on_error)
     rows = rows[:limit] if limit else rows
-    audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
-    reply = reply_audio_spec(tokenizer, cfg.model, cfg.data)
+    inputs = resolve_inputs(cfg, tokenizer)
     engine = SingleEngine(cfg.engine, cfg.trainer)
     engine.module = model.to(engine.device)
-    template = build_template(cfg.data.template, tokenizer, bos=cfg.data.step_bos, default_system=cfg.data.system)
-    features = clip_features if audio else None
-    examples = load_sft_data(rows, tokenizer, cfg.data, audio=audio, reply=reply).examples
+    examples = load_sft_data(rows, tokenizer, cfg.data, inputs).examples
     metrics = evaluate_loss(engine, examples, batch_size=batch_size, max_length=cfg.data.max_length,
-                            pad_id=tokenizer.pad_token_id, audio_features=features,
-                            audio_ids=audio_code_ids(tokenizer, cfg.model.audio_codes))
-    metrics |= generation_metrics(engine, tokenizer, template, rows, max_new_tokens=max_new_tokens,
-                                  audio=audio, audio_features=features)
+                            pad_id=tokenizer.pad_token_id, audio_features=inputs.features, audio_ids=inputs.audio_ids)
+    metrics |= generation_metrics(engine, tokenizer, inputs, rows, max_new_tokens=max_new_tokens)
     return {k.removeprefix("eval/"): v for k, v in metrics.items()}

@@ -1,6 +1,8 @@
 """Turn a training checkpoint into what people load: an HF model directory or a PEFT adapter.
 
-Full fine-tuning -> HF directory (config, safetensors, tokenizer, generation config, model card).
+Full fine-tuning -> HF directory (config, safetensors, tokenizer, generation config, model card). A model
+loaded from a released layout (the Step-Audio 2 ``step_audio_2`` directory) is exported back in that layout:
+same config.json fields, model_type and architectures, same tensor names (``steptrain.models.speech.released``).
 LoRA -> PEFT adapter directory (``PeftModel.from_pretrained``), or with ``merge_lora`` the merged HF
 directory. The checkpoint's own config.yaml says how to rebuild the model, so no extra flags are needed.
 """
@@ -20,6 +22,7 @@ from steptrain.engines.torch_engine import WEIGHTS, load_trainable
 from steptrain.models.loader import load_tokenizer
 from steptrain.models.lora import apply_lora
 from steptrain.models.reward import model_loader
+from steptrain.models.speech.released import layout_of
 
 
 class ExportError(RuntimeError):
@@ -82,7 +85,11 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, merge_lora: 
     if is_lora and merge_lora:
         model = model.merge_and_unload()
     kind = "adapter" if is_lora and not merge_lora else "model"
-    model.save_pretrained(tmp)
+    layout = layout_of(model) if kind == "model" else None
+    if layout is not None:  # loaded from a released layout (e.g. Step-Audio 2): written back in it
+        layout.save(model, tmp, source=cfg.model.path)
+    else:
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if kind == "model" and getattr(model, "generation_config", None) is not None:
         gen = model.generation_config

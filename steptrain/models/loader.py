@@ -7,6 +7,7 @@ engine. ``trust_remote_code`` stays off unless the config asks for it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -24,6 +25,18 @@ def full_shape(p: torch.Tensor) -> torch.Size:
     return getattr(p, "ds_shape", p.shape)
 
 
+SPEECH_MODEL_TYPES = ("steptrain_speech_lm", "step_audio_2")  # steptrain's own layout, the released Step-Audio 2
+FRONT_END_N_MELS = 128  # the bins steptrain's recipes compute (steptrain.inputs.clip_features)
+
+
+def _config_json(directory) -> dict:
+    import json
+    from pathlib import Path
+
+    config = Path(directory) / "config.json"
+    return json.loads(config.read_text()) if config.exists() else {}
+
+
 def is_speech_config(model_cfg) -> bool:
     """Whether the config describes an encoder + adapter + LLM speech model."""
     if model_cfg.llm_path:
@@ -32,11 +45,66 @@ def is_speech_config(model_cfg) -> bool:
         from steptrain.models.speech import SPEECH_PRESETS
 
         return model_cfg.preset in SPEECH_PRESETS
+    return _config_json(model_cfg.path).get("model_type") in SPEECH_MODEL_TYPES
+
+
+@dataclass(frozen=True)
+class SpeechFrontEnd:
+    """What a speech model expects of its inputs: log-mel bins and the patch-count rule.
+
+    ``patches(n_samples)``: the number of ``<audio_patch>`` tokens for a chunk of ``n_samples`` 16 kHz
+    samples (``steptrain.models.speech.num_patches`` of the front end's frame count, under ``length_rule``).
+    """
+
+    n_mels: int = 128
+    length_rule: str = "steptrain"
+
+    def patches(self, n_samples: int) -> int:
+        from steptrain.audio.features import num_frames
+        from steptrain.models.speech.modeling import num_patches
+
+        return num_patches(num_frames(n_samples), self.length_rule)
+
+
+def speech_front_end(model_cfg, check: bool = True) -> SpeechFrontEnd:
+    """The :class:`SpeechFrontEnd` of the configured speech model, read from its files (nothing is built).
+
+    Sources: a released ``step_audio_2`` directory (official patch arithmetic, docs/released_layouts.md), a
+    steptrain-saved model or encoder (their encoder_config), a Whisper ``model.encoder_path``
+    (``num_mel_bins``), a speech preset. ``check``: refuse, with the reason, an encoder whose bin count is not
+    the 128 that steptrain's recipes compute (e.g. an 80-bin Whisper), before any data or model is loaded.
+    """
     import json
     from pathlib import Path
 
-    config = Path(model_cfg.path) / "config.json"
-    return config.exists() and json.loads(config.read_text()).get("model_type") == "steptrain_speech_lm"
+    n_mels, rule = 128, "steptrain"
+    if model_cfg.preset:
+        from steptrain.models.speech import SPEECH_PRESETS
+
+        n_mels = SPEECH_PRESETS.get(model_cfg.preset, {}).get("encoder", {}).get("n_mels", 128)
+    elif model_cfg.llm_path:
+        enc = model_cfg.encoder_path
+        cfg = _config_json(enc) if enc else {}
+        if cfg.get("model_type") == "whisper":
+            n_mels = cfg.get("num_mel_bins", 128)
+        elif enc and (Path(enc) / "audio_encoder_config.json").exists():
+            meta = json.loads((Path(enc) / "audio_encoder_config.json").read_text())["encoder_config"]
+            n_mels, rule = meta.get("n_mels", 128), meta.get("length_rule", "steptrain")
+    else:
+        cfg = _config_json(model_cfg.path)
+        if cfg.get("model_type") == "step_audio_2":
+            n_mels, rule = (cfg.get("audio_encoder_config") or {}).get("n_mels", 128), "step_audio_2"
+        elif cfg.get("model_type") == "steptrain_speech_lm":
+            enc = cfg.get("encoder_config") or {}
+            n_mels, rule = enc.get("n_mels", 128), enc.get("length_rule", "steptrain")
+    if check and n_mels != FRONT_END_N_MELS:
+        where = model_cfg.encoder_path or model_cfg.path or model_cfg.preset
+        raise ValueError(
+            f"{where}: the audio encoder takes {n_mels} mel bins, but steptrain's recipes compute "
+            f"{FRONT_END_N_MELS}-bin log-mel features (the Step-Audio 2 / Whisper-large-v3 front end); "
+            f"use a {FRONT_END_N_MELS}-bin encoder such as Whisper large-v3"
+        )
+    return SpeechFrontEnd(int(n_mels), rule)
 
 
 def load_tokenizer(model_cfg) -> PreTrainedTokenizerBase:
@@ -45,7 +113,10 @@ def load_tokenizer(model_cfg) -> PreTrainedTokenizerBase:
     if tok.pad_token_id is None:
         # Padding positions never carry loss, so any id works; EOS is the conventional choice.
         tok.pad_token = tok.eos_token or tok.unk_token
-    wanted = list(SPEECH_TOKENS) if is_speech_config(model_cfg) else []
+    speech = is_speech_config(model_cfg)
+    if speech:
+        speech_front_end(model_cfg)  # refuses an encoder the recipes' front end cannot feed, before any data is read
+    wanted = list(SPEECH_TOKENS) if speech else []
     if model_cfg.audio_codes:  # codes first, so <audio_0..N-1> get contiguous ids
         wanted = [f"<audio_{k}>" for k in range(model_cfg.audio_codes)] + wanted + ["<tts_start>", "<tts_end>"]
     if wanted:
@@ -91,8 +162,16 @@ def load_model(model_cfg, tokenizer) -> tuple[PreTrainedModel, list[int]]:
     elif model_cfg.llm_path:
         from steptrain.models.speech import SpeechLMForCausalLM
 
+        speech_front_end(model_cfg)  # an encoder the front end cannot feed is refused before training
         model = SpeechLMForCausalLM.from_parts(
             model_cfg.llm_path, model_cfg.encoder_path, dtype=DTYPES[model_cfg.dtype], **speech_overrides(tokenizer, model_cfg)
+        )
+    elif speech and _config_json(model_cfg.path).get("model_type") == "step_audio_2":
+        from steptrain.models.speech.released import STEP_AUDIO_2
+
+        model = STEP_AUDIO_2.load(
+            model_cfg.path, dtype=DTYPES[model_cfg.dtype], attn_implementation=model_cfg.attn_implementation,
+            tokenizer=tokenizer, **speech_overrides(tokenizer, model_cfg),
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from steptrain.models.loader import DTYPES, full_shape, is_speech_config, load_model
+from steptrain.recipes import RECIPES
 
 
 def load_reward_model(model_cfg, tokenizer) -> tuple[PreTrainedModel, list[int]]:
@@ -49,5 +50,7 @@ def sequence_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def model_loader(recipe: str):
-    """How a recipe's model is built: a scalar-head model for ``reward``, else the causal LM."""
-    return load_reward_model if recipe == "reward" else load_model
+    """How a recipe's model is built: a scalar-head model for ``reward`` (registry: scalar_head), else the
+    causal LM."""
+    spec = RECIPES.get(recipe)
+    return load_reward_model if spec is not None and spec.scalar_head else load_model

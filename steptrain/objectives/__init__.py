@@ -1,14 +1,36 @@
-"""Pure loss functions: tensors in, (loss, metrics) out. They import only torch."""
+"""Pure loss functions: tensors in, (loss, metrics) out. They import only torch.
 
-from steptrain.objectives.lm import lm_loss_sum, stats_vector, summarize_stats
-from steptrain.objectives.preference import (
-    LOSSES,
-    audio_token_mask,
-    gathered_logps,
-    preference_loss,
-    reward_model_loss,
-    sequence_logps,
-)
+``registry`` (names and properties of the losses and advantages, no torch) is importable on its own, so
+the config can read it cheaply; the functions below are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what __getattr__ provides, for type checkers and editors
+    from steptrain.objectives.lm import lm_loss_sum, stats_vector, summarize_stats
+    from steptrain.objectives.preference import (
+        LOSSES,
+        audio_token_mask,
+        gathered_logps,
+        preference_loss,
+        reward_model_loss,
+        sequence_logps,
+    )
+
+_EXPORTS = {
+    "LOSSES": "preference",
+    "audio_token_mask": "preference",
+    "gathered_logps": "preference",
+    "preference_loss": "preference",
+    "reward_model_loss": "preference",
+    "sequence_logps": "preference",
+    "lm_loss_sum": "lm",
+    "stats_vector": "lm",
+    "summarize_stats": "lm",
+}
 
 __all__ = [
     "LOSSES",
@@ -21,3 +43,16 @@ __all__ = [
     "stats_vector",
     "summarize_stats",
 ]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

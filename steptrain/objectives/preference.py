@@ -12,11 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from steptrain.objectives.lm import IGNORE_INDEX, token_nll
+from steptrain.objectives.registry import PREFERENCE_LOSSES, names_with
 
-LOSSES = ("sigmoid", "ipo", "cdpo", "robust", "simpo", "orpo")
-_REFERENCE_FREE = ("simpo", "orpo")
-_LENGTH_NORMALISED = ("ipo", "simpo", "orpo")
-_SMOOTHED = ("cdpo", "robust")
+LOSSES = tuple(PREFERENCE_LOSSES)  # the names, in registry order
 # ORPO's log(1 - exp(a)) is -inf at a = 0 (a saturated model: every target token has probability 1 in
 # float32); average log-probs are capped just below 0 so the odds stay finite.
 _ORPO_MAX_AVG_LOGP = -1e-6
@@ -128,58 +126,82 @@ def preference_loss(
     ``chosen_tokens`` / ``rejected_tokens`` (counted tokens, from :func:`sequence_logps`) are required
     by ipo, simpo and orpo.
     """
-    if loss not in LOSSES:
+    spec = PREFERENCE_LOSSES.get(loss)
+    if spec is None:
         raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     eps = float(label_smoothing)
-    if loss == "cdpo" and not 0.0 <= eps <= 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5] for cdpo, got {eps}")
-    if loss == "robust" and not 0.0 <= eps < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5) for robust, got {eps}")
-    if loss not in _SMOOTHED and eps != 0.0:
-        raise ValueError(f"label_smoothing applies only to {_SMOOTHED}; it must be 0 for loss={loss!r}")
-    if loss not in _REFERENCE_FREE:
+    if not spec.accepts_label_smoothing(eps):
+        if spec.uses_label_smoothing:
+            raise ValueError(f"label_smoothing must be in {spec.label_smoothing_range} for {loss}, got {eps}")
+        raise ValueError(f"label_smoothing applies only to {names_with(PREFERENCE_LOSSES, 'uses_label_smoothing')}; "
+                         f"it must be 0 for loss={loss!r}")
+    if not spec.reference_free:
         for name, value in (
             ("ref_chosen_logps", ref_chosen_logps),
             ("ref_rejected_logps", ref_rejected_logps),
         ):
             if value is None:
                 raise ValueError(f"loss={loss!r} needs the reference model: {name} is required")
-    if loss in _LENGTH_NORMALISED:
+    if spec.length_normalized:
         _check_counts(loss, chosen_tokens, rejected_tokens)
 
-    if loss in _REFERENCE_FREE:
-        pi_c, pi_r = _per_token(chosen_logps, chosen_tokens), _per_token(rejected_logps, rejected_tokens)
+    pi_c, pi_r, ref_c, ref_r = chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
+    if spec.length_normalized:
+        pi_c, pi_r = _per_token(pi_c, chosen_tokens), _per_token(pi_r, rejected_tokens)
+    if spec.reference_free:
         chosen_rewards, rejected_rewards = beta * pi_c, beta * pi_r
-        if loss == "simpo":
-            losses = -F.logsigmoid(beta * (pi_c - pi_r) - simpo_gamma)
-        else:
-            nll = -pi_c
-            odds_ratio = -F.logsigmoid(_log_odds(pi_c) - _log_odds(pi_r))
-            losses = nll + beta * odds_ratio
     else:
-        pi_c, pi_r, ref_c, ref_r = chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
-        if loss == "ipo":
-            pi_c, ref_c = _per_token(pi_c, chosen_tokens), _per_token(ref_c, chosen_tokens)
-            pi_r, ref_r = _per_token(pi_r, rejected_tokens), _per_token(ref_r, rejected_tokens)
+        if spec.length_normalized:  # the reference by the same counts
+            ref_c, ref_r = _per_token(ref_c, chosen_tokens), _per_token(ref_r, rejected_tokens)
         chosen_rewards, rejected_rewards = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
-        h = (pi_c - pi_r) - (ref_c - ref_r)
-        if loss == "ipo":
-            losses = (h - 1.0 / (2.0 * beta)) ** 2
-        elif loss == "sigmoid":
-            losses = -F.logsigmoid(beta * h)
-        elif loss == "cdpo":
-            losses = -(1.0 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-        else:  # robust
-            losses = (-(1.0 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (
-                1.0 - 2.0 * eps
-            )
+    losses = _LOSS_FNS[loss](pi_c, pi_r, ref_c, ref_r, beta=beta, eps=eps, gamma=simpo_gamma)
     return {
         "loss": losses,
         "chosen_rewards": chosen_rewards.detach(),
         "rejected_rewards": rejected_rewards.detach(),
     }
+
+
+def _margin(pi_c, pi_r, ref_c, ref_r) -> torch.Tensor:
+    """h = (pi_c - pi_r) - (ref_c - ref_r)."""
+    return (pi_c - pi_r) - (ref_c - ref_r)
+
+
+def _sigmoid(pi_c, pi_r, ref_c, ref_r, *, beta, eps, gamma):
+    return -F.logsigmoid(beta * _margin(pi_c, pi_r, ref_c, ref_r))
+
+
+def _ipo(pi_c, pi_r, ref_c, ref_r, *, beta, eps, gamma):
+    return (_margin(pi_c, pi_r, ref_c, ref_r) - 1.0 / (2.0 * beta)) ** 2
+
+
+def _cdpo(pi_c, pi_r, ref_c, ref_r, *, beta, eps, gamma):
+    h = _margin(pi_c, pi_r, ref_c, ref_r)
+    return -(1.0 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+
+
+def _robust(pi_c, pi_r, ref_c, ref_r, *, beta, eps, gamma):
+    h = _margin(pi_c, pi_r, ref_c, ref_r)
+    return (-(1.0 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1.0 - 2.0 * eps)
+
+
+def _simpo(pi_c, pi_r, ref_c, ref_r, *, beta, eps, gamma):
+    return -F.logsigmoid(beta * (pi_c - pi_r) - gamma)
+
+
+def _orpo(pi_c, pi_r, ref_c, ref_r, *, beta, eps, gamma):
+    odds_ratio = -F.logsigmoid(_log_odds(pi_c) - _log_odds(pi_r))
+    return -pi_c + beta * odds_ratio
+
+
+# Per-pair loss of each registered name, on log-probs already per-token where the loss is length-normalised
+# (ref_* are None for the reference-free ones). Keyed exactly like registry.PREFERENCE_LOSSES.
+_LOSS_FNS = {"sigmoid": _sigmoid, "ipo": _ipo, "cdpo": _cdpo, "robust": _robust, "simpo": _simpo, "orpo": _orpo}
+if _LOSS_FNS.keys() != PREFERENCE_LOSSES.keys():
+    raise ImportError(f"preference losses without an implementation or a registry entry: "
+                      f"{sorted(_LOSS_FNS.keys() ^ PREFERENCE_LOSSES.keys())}")
 
 
 def reward_model_loss(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-ADVANTAGES = ("group", "mean", "rloo")
+from steptrain.objectives.registry import ADVANTAGES
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, kind: str = "group", eps: float = 1e-4) -> torch.Tensor:
@@ -29,11 +29,19 @@ def group_advantages(rewards: torch.Tensor, group_size: int, kind: str = "group"
         raise ValueError(f"{rewards.numel()} rewards do not make groups of {group_size} (>= 2)")
     grouped = rewards.double().view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
-    if kind == "group":
-        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
-    elif kind == "rloo":
-        centred = centred * group_size / (group_size - 1)
-    return centred.view(-1).to(rewards.dtype)
+    return _SCALES[kind](centred, grouped, eps).view(-1).to(rewards.dtype)
+
+
+# How each registered advantage turns centred rewards [prompts, G] into advantages (keyed like
+# registry.ADVANTAGES).
+_SCALES = {
+    "group": lambda centred, grouped, eps: centred / (grouped.std(dim=1, keepdim=True) + eps),
+    "mean": lambda centred, grouped, eps: centred,
+    "rloo": lambda centred, grouped, eps: centred * grouped.shape[1] / (grouped.shape[1] - 1),
+}
+if _SCALES.keys() != ADVANTAGES.keys():
+    raise ImportError(f"advantages without an implementation or a registry entry: "
+                      f"{sorted(_SCALES.keys() ^ ADVANTAGES.keys())}")
 
 
 def clipped_policy_loss(

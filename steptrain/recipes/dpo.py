@@ -11,7 +11,7 @@ Reference log-probs (``objective.reference``):
   model settings). A resumed run reuses the cache: recomputing would use the trained policy, not the reference.
 - ``adapter_off``: the LoRA policy with its adapter disabled, per micro-batch (no second model in memory).
 - ``model``: a separate frozen model from ``objective.ref_model_path``.
-SimPO and ORPO use no reference.
+The reference-free losses (SimPO, ORPO: ``reference_free`` in objectives/registry.py) use none.
 """
 
 from __future__ import annotations
@@ -32,15 +32,14 @@ from steptrain.data.preference import (
 from steptrain.engines import build_engine
 from steptrain.eval.lm import rank_share
 from steptrain.models.forward import lm_logits
-from steptrain.models.loader import audio_code_ids, load_tokenizer
 from steptrain.objectives import audio_token_mask, gathered_logps, preference_loss, sequence_logps
+from steptrain.objectives.registry import PREFERENCE_LOSSES
 from steptrain.recipes.loop import build_model, evaluate_task, start_run, train
 from steptrain.recipes.pairs import PairTask, load_pairs
 from steptrain.recipes.reference import reference_logits
 
 log = logging.getLogger("steptrain")
 
-REFERENCE_FREE = ("simpo", "orpo")
 CACHE = "reference_logps.safetensors"
 STATS = ("pairs", "loss", "chosen_rewards", "rejected_rewards", "correct", "chosen_logps", "rejected_logps")
 
@@ -153,7 +152,7 @@ class DPOTask(PairTask):
         ref = self.reference(batch) if self.reference is not None else (None, None)
         chosen_n, rejected_n = counts[:b], counts[b:]
         pc, pr, rc, rr = logps[:b], logps[b:], *ref
-        if o.length_normalize and o.loss in ("sigmoid", "cdpo", "robust"):
+        if o.length_normalize and not PREFERENCE_LOSSES[o.loss].length_normalized:
             pc, pr = pc / chosen_n.clamp(min=1), pr / rejected_n.clamp(min=1)
             rc, rr = rc / chosen_n.clamp(min=1), rr / rejected_n.clamp(min=1)
         out = preference_loss(
@@ -198,15 +197,14 @@ def run(cfg) -> dict:
     """Train according to ``cfg``; returns the last train and eval metrics."""
     engine = build_engine(cfg.engine, cfg.trainer, cfg.optim)
     try:
-        start_run(cfg, engine)
-        tokenizer = load_tokenizer(cfg.model)
-        data = load_pairs(cfg, engine, tokenizer)
-        audio_ids = audio_code_ids(tokenizer, cfg.model.audio_codes) if cfg.objective.mask_audio else None
+        cfg, tokenizer, inputs = start_run(cfg, engine)
+        data = load_pairs(cfg, tokenizer, inputs, log_stats=engine.is_main)
+        audio_ids = inputs.audio_ids if cfg.objective.mask_audio else None
 
         def batches(pairs):
-            if cfg.objective.share_prompt and data.features is None:
+            if cfg.objective.share_prompt and inputs.features is None:
                 return SharedPromptBatches(pairs, tokenizer.pad_token_id)
-            return PairBatches(pairs, tokenizer.pad_token_id, data.features)
+            return PairBatches(pairs, tokenizer.pad_token_id, inputs.features)
 
         splits = {"train": batches(data.train.pairs)}
         if data.eval is not None:
@@ -217,15 +215,16 @@ def run(cfg) -> dict:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
+        needs_reference = not PREFERENCE_LOSSES[o.loss].reference_free
         references: dict = {name: None for name in splits}
-        if o.loss not in REFERENCE_FREE:
+        if needs_reference:
             if o.reference in ("adapter_off", "model"):
                 ref = pair_reference(reference_logits(cfg, engine, tokenizer), audio_ids)
                 references = {name: ref for name in splits}
         tasks = {name: DPOTask(cfg, b, engine, audio_ids, references[name]) for name, b in splits.items()}
 
         def on_prepared(_model, _steps) -> None:  # before any update and before a resume loads trained weights
-            if o.loss not in REFERENCE_FREE and o.reference == "precompute":
+            if needs_reference and o.reference == "precompute":
                 tables = precomputed_reference(cfg, engine, splits, audio_ids)
                 for name, task in tasks.items():
                     task.reference = PrecomputedReference(tables, name)

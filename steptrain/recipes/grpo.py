@@ -27,9 +27,7 @@ from steptrain.data import Encoded, collate, read_rows, to_device
 from steptrain.data.reader import validate_row
 from steptrain.engines import build_engine
 from steptrain.eval.lm import rank_share
-from steptrain.inputs import clip_features, speech_audio_spec
 from steptrain.models.forward import lm_logits
-from steptrain.models.loader import is_speech_config, load_tokenizer
 from steptrain.objectives.lm import IGNORE_INDEX, token_nll
 from steptrain.objectives.rl import clipped_policy_loss, group_advantages
 from steptrain.recipes.loop import build_model, split_eval, start_run, train
@@ -181,6 +179,7 @@ class GRPOTask:
 
 @dataclass
 class RLSetup:
+    cfg: object  # as resolved by start_run
     tokenizer: object
     prompts: list[RLPrompt]
     held_out: list[RLPrompt]
@@ -188,30 +187,35 @@ class RLSetup:
     features: object  # clip -> log-mel features for speech prompts, else None
 
 
-def setup(cfg, engine) -> RLSetup:
-    """Tokenizer, train and held-out prompts, reward functions: what every online-RL recipe starts from."""
-    tokenizer = load_tokenizer(cfg.model)
+def load_data(cfg, tokenizer, inputs) -> tuple[list[RLPrompt], list[RLPrompt], Counter]:
+    """(train prompts, held-out prompts, rows left out by reason): what training and `steptrain inspect` read."""
     rows, skipped = read_rows(list(cfg.data.train_files), on_error=cfg.data.on_error,
                               check=lambda row: validate_row(row, need_reply=False))
     train_rows, eval_rows = split_eval(cfg, rows)
-    audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
-    prompts, left_out = load_prompts(train_rows, tokenizer, cfg, audio)
-    held_out, _ = load_prompts(eval_rows, tokenizer, cfg, audio) if eval_rows else ([], None)
+    prompts, left_out = load_prompts(train_rows, tokenizer, cfg, inputs)
+    held_out, _ = load_prompts(eval_rows, tokenizer, cfg, inputs) if eval_rows else ([], None)
     if cfg.trainer.generate_eval:
         held_out = held_out[: cfg.trainer.generate_eval]
+    return prompts, held_out, left_out + Counter(skipped)
+
+
+def setup(cfg, engine) -> RLSetup:
+    """The resolved run (start_run), train and held-out prompts, reward functions: what every online-RL
+    recipe starts from."""
+    cfg, tokenizer, inputs = start_run(cfg, engine)
+    prompts, held_out, left_out = load_data(cfg, tokenizer, inputs)
     if engine.is_main:
-        log.info("prompts: %d train (left out: %s), %d eval", len(prompts), dict(left_out + Counter(skipped)),
-                 len(held_out))
-    rewards = build_rewards(cfg, engine.device, tokenizer)
-    return RLSetup(tokenizer, prompts, held_out, rewards, clip_features if audio else None)
+        log.info("prompts: %d train (left out: %s), %d eval", len(prompts), dict(left_out), len(held_out))
+    rewards = build_rewards(cfg, engine.device, tokenizer, inputs.template)
+    return RLSetup(cfg, tokenizer, prompts, held_out, rewards, inputs.features)
 
 
 def run(cfg) -> dict:
     """Train according to ``cfg``; returns the last train and eval metrics."""
     engine = build_engine(cfg.engine, cfg.trainer, cfg.optim)
     try:
-        start_run(cfg, engine)
         s = setup(cfg, engine)
+        cfg = s.cfg
         model = build_model(cfg, engine, s.tokenizer)
         ref = reference_logits(cfg, engine, s.tokenizer) if cfg.objective.kl_beta > 0 else None
         task = GRPOTask(cfg, engine, s.prompts, s.tokenizer, s.rewards, ref, s.features, stop_ids(model, s.tokenizer))

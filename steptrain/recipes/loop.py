@@ -19,12 +19,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from steptrain.checkpoint import (
     list_checkpoints,
@@ -38,7 +39,9 @@ from steptrain.config import ConfigError
 from steptrain.data import plan_epoch, read_rows, to_device
 from steptrain.engines.optim import param_groups
 from steptrain.eval.lm import rank_share
+from steptrain.inputs import RunInputs, resolve_inputs, with_resolved_template
 from steptrain.logging import MetricsLogger
+from steptrain.models.loader import load_tokenizer
 from steptrain.models.lora import apply_lora, count_parameters
 from steptrain.models.reward import model_loader
 
@@ -137,14 +140,36 @@ class EpochPlans:
         return len(self.plan(epoch)) // self.per_step
 
 
-def start_run(cfg, engine) -> Path:
-    """The output directory, created with the resolved config and without half-written checkpoints."""
+@dataclass
+class Run:
+    """What every recipe starts from: the config with its choices resolved, the tokenizer, the inputs."""
+
+    cfg: DictConfig  # data.template / data.bos as resolved (what config.yaml and checkpoints record)
+    tokenizer: object
+    inputs: RunInputs
+
+    def __iter__(self):  # cfg, tokenizer, inputs = start_run(cfg, engine)
+        return iter((self.cfg, self.tokenizer, self.inputs))
+
+
+def resolve_run(cfg) -> Run:
+    """Load the tokenizer and resolve the run's inputs: no model weights, nothing written."""
+    tokenizer = load_tokenizer(cfg.model)
+    inputs = resolve_inputs(cfg, tokenizer)
+    return Run(with_resolved_template(cfg, inputs.template), tokenizer, inputs)
+
+
+def start_run(cfg, engine) -> Run:
+    """:func:`resolve_run`, then the output directory, created with the resolved config and without
+    half-written checkpoints."""
+    cfg, tokenizer, inputs = resolve_run(cfg)
     out = Path(cfg.output_dir)
     if engine.is_main:
+        log.info("chat template: %s", inputs.template.describe())
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
         OmegaConf.save(cfg, out / "config.yaml")
-    return out
+    return Run(cfg, tokenizer, inputs)
 
 
 def build_model(cfg, engine, tokenizer):

@@ -6,14 +6,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from steptrain.data import RunInputs
 from steptrain.data.preference import (
     PreferenceData,
     deaf_negatives,
     load_preference_data,
     read_preference_rows,
 )
-from steptrain.inputs import clip_features, reply_audio_spec, speech_audio_spec
-from steptrain.models.loader import is_speech_config
 from steptrain.recipes.loop import split_eval
 
 log = logging.getLogger("steptrain")
@@ -23,10 +22,9 @@ log = logging.getLogger("steptrain")
 class RunPairs:
     train: PreferenceData
     eval: PreferenceData | None
-    features: object  # clip -> log-mel features for a speech model, else None
 
 
-def load_pairs(cfg, engine, tokenizer) -> RunPairs:
+def load_pairs(cfg, tokenizer, inputs: RunInputs, *, log_stats: bool = True) -> RunPairs:
     """data.train_files (+ data.deaf_negatives) and data.eval_files or a data.eval_fraction split."""
     rows, skipped = read_preference_rows(list(cfg.data.train_files), on_error=cfg.data.on_error)
     if cfg.data.eval_files:
@@ -35,14 +33,12 @@ def load_pairs(cfg, engine, tokenizer) -> RunPairs:
         train_rows, eval_rows = split_eval(cfg, rows)
     if cfg.data.deaf_negatives:
         train_rows = train_rows + deaf_negatives(train_rows, cfg.data.deaf_negatives, cfg.trainer.seed)
-    audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
-    reply = reply_audio_spec(tokenizer, cfg.model, cfg.data)
-    train = load_preference_data(train_rows, tokenizer, cfg.data, audio=audio, reply=reply)
+    train = load_preference_data(train_rows, tokenizer, cfg.data, inputs)
     train.stats["skipped"] = {**skipped, **train.stats["skipped"]}
-    held = load_preference_data(eval_rows, tokenizer, cfg.data, audio=audio, reply=reply) if eval_rows else None
-    if engine.is_main:
+    held = load_preference_data(eval_rows, tokenizer, cfg.data, inputs) if eval_rows else None
+    if log_stats:
         log.info("preference data: %s%s", train.stats, f"; held out: {len(held.pairs)} pairs" if held else "")
-    return RunPairs(train, held, clip_features if audio else None)
+    return RunPairs(train, held)
 
 
 class PairTask:

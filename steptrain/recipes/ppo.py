@@ -32,7 +32,7 @@ from steptrain.models.loader import DTYPES
 from steptrain.models.lora import apply_lora
 from steptrain.objectives.rl import clipped_value_loss, gae, token_rewards, whiten
 from steptrain.recipes.grpo import GRPOTask, setup
-from steptrain.recipes.loop import build_model, start_run, train
+from steptrain.recipes.loop import build_model, train
 from steptrain.recipes.reference import reference_logits
 from steptrain.rollout import stop_ids
 
@@ -157,8 +157,8 @@ def run(cfg) -> dict:
     critic_optim = OmegaConf.merge(cfg.optim, {"hold_steps": 0, "lr": cfg.objective.critic_lr or cfg.optim.lr})
     critic_engine = build_engine(cfg.engine, cfg.trainer, critic_optim)
     try:
-        start_run(cfg, engine)
         s = setup(cfg, engine)
+        cfg = s.cfg
         model = build_model(cfg, engine, s.tokenizer)
         critic = load_critic(cfg, critic_engine)
         ref = reference_logits(cfg, engine, s.tokenizer) if cfg.objective.kl_beta > 0 else None

@@ -15,7 +15,6 @@ import torch
 
 from steptrain.data.preference import PairBatches, PreferenceData
 from steptrain.engines import build_engine
-from steptrain.models.loader import load_tokenizer
 from steptrain.models.reward import sequence_scores
 from steptrain.objectives import reward_model_loss
 from steptrain.recipes.loop import build_model, evaluate_task, start_run, train
@@ -59,12 +58,11 @@ def run(cfg) -> dict:
     """Train according to ``cfg``; returns the last train and eval metrics."""
     engine = build_engine(cfg.engine, cfg.trainer, cfg.optim)
     try:
-        start_run(cfg, engine)
-        tokenizer = load_tokenizer(cfg.model)
-        data = load_pairs(cfg, engine, tokenizer)
+        cfg, tokenizer, inputs = start_run(cfg, engine)
+        data = load_pairs(cfg, tokenizer, inputs, log_stats=engine.is_main)
 
         def task_of(pairs: PreferenceData) -> RewardTask:
-            return RewardTask(PairBatches(pairs.pairs, tokenizer.pad_token_id, data.features, pairs.margins), engine)
+            return RewardTask(PairBatches(pairs.pairs, tokenizer.pad_token_id, inputs.features, pairs.margins), engine)
 
         task = task_of(data.train)
         evaluate = dict

@@ -10,12 +10,10 @@ import logging
 
 import torch
 
-from steptrain.data import build_template, collate, load_sft_data, read_rows
+from steptrain.data import SFTData, collate, load_sft_data, read_rows
 from steptrain.engines import build_engine
 from steptrain.eval import evaluate_loss, generation_metrics
-from steptrain.inputs import clip_features, reply_audio_spec, speech_audio_spec
 from steptrain.models.forward import lm_logits
-from steptrain.models.loader import audio_code_ids, is_speech_config, load_tokenizer
 from steptrain.objectives import lm_loss_sum, stats_vector, summarize_stats
 from steptrain.recipes.loop import TrainingError, build_model, split_eval, start_run, train
 
@@ -51,27 +49,27 @@ class SFTTask:
         return [self.examples[i].source for row in rows for i in row]
 
 
+def load_data(cfg, tokenizer, inputs) -> tuple[SFTData, SFTData | None, list[dict]]:
+    """(train examples, held-out examples or None, held-out rows): what training and `steptrain inspect` read."""
+    train_rows, skipped = read_rows(list(cfg.data.train_files), on_error=cfg.data.on_error)
+    train_rows, eval_rows = split_eval(cfg, train_rows)
+    data = load_sft_data(train_rows, tokenizer, cfg.data, inputs)
+    data.stats["skipped"] = {**skipped, **data.stats["skipped"]}
+    evalset = load_sft_data(eval_rows, tokenizer, cfg.data, inputs) if eval_rows else None
+    return data, evalset, eval_rows
+
+
 def run(cfg) -> dict:
     """Train according to ``cfg``; returns the last train and eval metrics."""
     engine = build_engine(cfg.engine, cfg.trainer, cfg.optim)
     try:
-        start_run(cfg, engine)
-        tokenizer = load_tokenizer(cfg.model)
-        train_rows, skipped = read_rows(list(cfg.data.train_files), on_error=cfg.data.on_error)
-        train_rows, eval_rows = split_eval(cfg, train_rows)
-        audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
-        features = clip_features if audio else None
-        reply = reply_audio_spec(tokenizer, cfg.model, cfg.data)  # spoken replies as discrete audio tokens
-        audio_ids = audio_code_ids(tokenizer, cfg.model.audio_codes)
-        data = load_sft_data(train_rows, tokenizer, cfg.data, audio=audio, reply=reply)
-        data.stats["skipped"] = {**skipped, **data.stats["skipped"]}
-        evalset = load_sft_data(eval_rows, tokenizer, cfg.data, audio=audio, reply=reply) if eval_rows else None
+        cfg, tokenizer, inputs = start_run(cfg, engine)
+        data, evalset, eval_rows = load_data(cfg, tokenizer, inputs)
         if engine.is_main:
             log.info("train data: %s", data.stats)
             if evalset:
                 log.info("eval data: %d rows", len(evalset.examples))
-        template = build_template(cfg.data.template, tokenizer, bos=cfg.data.step_bos, default_system=cfg.data.system)
-        task = SFTTask(cfg, data.examples, tokenizer.pad_token_id, features, audio_ids, engine)
+        task = SFTTask(cfg, data.examples, tokenizer.pad_token_id, inputs.features, inputs.audio_ids, engine)
         model = build_model(cfg, engine, tokenizer)
 
         def evaluate() -> dict:
@@ -79,13 +77,13 @@ def run(cfg) -> dict:
                 return {}
             metrics = evaluate_loss(
                 engine, evalset.examples, batch_size=cfg.trainer.batch_size, max_length=cfg.data.max_length,
-                pad_id=tokenizer.pad_token_id, max_batches=cfg.trainer.eval_batches, audio_features=features,
-                audio_ids=audio_ids,
+                pad_id=tokenizer.pad_token_id, max_batches=cfg.trainer.eval_batches, audio_features=inputs.features,
+                audio_ids=inputs.audio_ids,
             )
             if cfg.trainer.generate_eval:
                 metrics |= generation_metrics(
-                    engine, tokenizer, template, eval_rows[: cfg.trainer.generate_eval],
-                    max_new_tokens=cfg.trainer.max_new_tokens, audio=audio, audio_features=features,
+                    engine, tokenizer, inputs, eval_rows[: cfg.trainer.generate_eval],
+                    max_new_tokens=cfg.trainer.max_new_tokens,
                 )
             return metrics
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from steptrain.data import DataError, build_template
+from steptrain.data import DataError, RunInputs
 from steptrain.data.audio_spans import AudioClip
 from steptrain.data.prompts import encode_prompt, split_reply
 from steptrain.rollout.rewards import NEEDS_REFERENCE, reference_answer
@@ -19,19 +19,18 @@ class RLPrompt:
     clips: list[AudioClip] = field(default_factory=list)
 
 
-def load_prompts(rows: list[dict], tokenizer, cfg, audio) -> tuple[list[RLPrompt], Counter]:
+def load_prompts(rows: list[dict], tokenizer, cfg, inputs: RunInputs) -> tuple[list[RLPrompt], Counter]:
     """Encoded prompts, and the rows left out by reason (longer than data.max_length; bad rows under
     data.on_error=skip).
 
     A bad row (e.g. missing audio, or no reference answer for a reward that needs one) stops the run
     naming its file and line, unless data.on_error=skip.
     """
-    template = build_template(cfg.data.template, tokenizer, bos=cfg.data.step_bos, default_system=cfg.data.system)
     needs_reference = any(w and name in NEEDS_REFERENCE for name, w in cfg.objective.rewards.items())
     prompts, left_out = [], Counter()
     for row in rows:
         try:
-            prompt = encode_prompt(row, split_reply(row)[0], template, tokenizer, audio)
+            prompt = encode_prompt(row, split_reply(row)[0], inputs.template, tokenizer, inputs.audio)
             if needs_reference:
                 reference_answer(row)
         except DataError as e:

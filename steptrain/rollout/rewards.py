@@ -7,7 +7,7 @@ the reward of a completion is the weighted sum (a weight of 0 turns a reward off
 user code in ``objective.reward_functions`` (name -> "module:function", importable from the working
 directory).
 
-Built-ins (Step-Audio 2 and Step-Audio-R1, see STEP_FACTS):
+Built-ins (named in ``registry.REWARDS``; Step-Audio 2 and Step-Audio-R1, sources in docs/step_facts.md):
 - ``accuracy``: 1 if the answer (the text after ``</think>``, the last ``\\boxed{}`` if any) equals the
   reference (``solution``, or the row's final assistant turn), after normalising case, spaces and a
   final full stop; numbers compare by value. Else 0.
@@ -27,14 +27,13 @@ import importlib
 import re
 from collections.abc import Callable
 
-from steptrain.config.schema import BUILTIN_REWARDS
-from steptrain.data import build_template
 from steptrain.data.errors import DataError
 from steptrain.data.prompts import split_reply
 from steptrain.eval.asr import error_rates
+from steptrain.rollout.registry import REWARDS
 
 RewardFn = Callable[[list[str], list[dict]], list[float]]
-NEEDS_REFERENCE = ("accuracy", "mgrd", "cer")
+NEEDS_REFERENCE = tuple(name for name, reward in REWARDS.items() if reward.needs_reference)
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
@@ -109,19 +108,29 @@ def cer(completions: list[str], rows: list[dict]) -> list[float]:
     return out
 
 
-BUILTIN: dict[str, RewardFn] = {"accuracy": accuracy, "reasoning": reasoning, "mgrd": mgrd, "cer": cer}
+# The rule-based built-ins: objective config -> reward function. With the model-scored ones
+# (registry: needs_model, built by build_rewards) they are exactly the registry's names.
+RULES: dict[str, Callable[..., RewardFn]] = {
+    "accuracy": lambda o: accuracy,
+    "reasoning": lambda o: reasoning,
+    "mgrd": lambda o: mgrd,
+    "think_length": lambda o: think_length(o.think_max_words),
+    "cer": lambda o: cer,
+}
+_MODEL_SCORED = {name for name, reward in REWARDS.items() if reward.needs_model}
+if RULES.keys() | _MODEL_SCORED != REWARDS.keys() or RULES.keys() & _MODEL_SCORED:
+    raise ImportError(f"built-in rewards without an implementation or a registry entry: "
+                      f"{sorted((RULES.keys() | _MODEL_SCORED) ^ REWARDS.keys())}")
 
 
 def resolve_reward(name: str, objective_cfg) -> RewardFn:
-    """The function behind a reward name: a built-in, or ``objective.reward_functions[name]``
+    """The function behind a reward name: a rule-based built-in, or ``objective.reward_functions[name]``
     ("module:function"). ``reward_model`` is built by the recipe, which owns the device."""
-    if name in BUILTIN:
-        return BUILTIN[name]
-    if name == "think_length":
-        return think_length(objective_cfg.think_max_words)
+    if name in RULES:
+        return RULES[name](objective_cfg)
     target = objective_cfg.reward_functions.get(name)
     if target is None:
-        raise ValueError(f"objective.rewards: unknown reward {name!r}; built-ins: {', '.join(BUILTIN_REWARDS)}, "
+        raise ValueError(f"objective.rewards: unknown reward {name!r}; built-ins: {', '.join(REWARDS)}, "
                          "or map it to 'module:function' in objective.reward_functions")
     module, _, attr = str(target).partition(":")
     try:
@@ -189,18 +198,18 @@ def reward_model_reward(model, tokenizer, template, batch_size: int = 16) -> Rew
     return reward
 
 
-def build_rewards(cfg, device, tokenizer) -> Rewards:
-    """The run's reward functions (``cfg.objective.rewards`` with non-zero weights) and weights."""
+def build_rewards(cfg, device, tokenizer, template) -> Rewards:
+    """The run's reward functions (``cfg.objective.rewards`` with non-zero weights) and weights; ``template``
+    (the run's chat template) renders conversations for a reward model."""
     functions = {}
     for name, weight in cfg.objective.rewards.items():
         if not weight:
             continue
-        if name == "reward_model":
+        if name in _MODEL_SCORED:
             from transformers import AutoModelForSequenceClassification
 
             model = AutoModelForSequenceClassification.from_pretrained(cfg.objective.reward_model_path)
             model.requires_grad_(False).eval().to(device)
-            template = build_template(cfg.data.template, tokenizer, bos=cfg.data.step_bos, default_system=cfg.data.system)
             functions[name] = reward_model_reward(model, tokenizer, template)
         else:
             functions[name] = resolve_reward(name, cfg.objective)

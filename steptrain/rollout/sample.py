@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from steptrain.checkpoint.rng import batch_rng
+from steptrain.config.schema import DEFAULT_RL_REWARDS
 from steptrain.data import read_rows
 from steptrain.data.prompts import split_reply
 from steptrain.data.reader import validate_row
@@ -36,20 +37,19 @@ def sample_model(
     reward and the histogram of pass counts (index k: prompts with k passing samples)."""
     from steptrain.engines.single import SingleEngine
     from steptrain.eval.run import load_for_inference
-    from steptrain.inputs import clip_features, speech_audio_spec
-    from steptrain.models.loader import is_speech_config
+    from steptrain.inputs import resolve_inputs
 
     if keep not in ("prompts", "responses"):
         raise ValueError(f"keep must be 'prompts' or 'responses', not {keep!r}")
     model, tokenizer, cfg = load_for_inference(model_dir, list(overrides))
     if not cfg.objective.rewards:
-        cfg.objective.rewards = {"accuracy": 1.0}
+        cfg.objective.rewards = dict(DEFAULT_RL_REWARDS)
     engine = SingleEngine(cfg.engine, cfg.trainer)
     model.to(engine.device)
     rows, _ = read_rows(list(data_files), on_error=cfg.data.on_error, check=lambda row: validate_row(row, need_reply=False))
-    audio = speech_audio_spec(tokenizer, cfg.data) if is_speech_config(cfg.model) else None
-    prompts, left_out = load_prompts(rows, tokenizer, cfg, audio)
-    rewards = build_rewards(cfg, engine.device, tokenizer)
+    inputs = resolve_inputs(cfg, tokenizer)
+    prompts, left_out = load_prompts(rows, tokenizer, cfg, inputs)
+    rewards = build_rewards(cfg, engine.device, tokenizer, inputs.template)
     eos_ids, pad = stop_ids(model, tokenizer), tokenizer.pad_token_id
     histogram, kept, reward_sum = [0] * (num_samples + 1), 0, 0.0
     path = Path(out)
@@ -63,7 +63,7 @@ def sample_model(
                 completions = generate_ids(
                     model, [p.ids for p in group], eos_ids=eos_ids, pad_id=pad, max_new_tokens=max_new_tokens,
                     sampling=sampling, batch_size=len(group),
-                    audio=[[clip_features(c) for c in p.clips] for p in group] if audio else None,
+                    audio=[[inputs.features(c) for c in p.clips] for p in group] if inputs.audio else None,
                 )
             texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]  # as GRPO's rewards see them
             totals = [rewards.total(s) for s in rewards(texts, [p.row for p in group])]

@@ -40,31 +40,47 @@ def _conv_s2(n):
     return (n - 1) // 2 + 1 if n > 0 else 0
 
 
-def encoder_length(n_frames: int) -> int:
-    """Encoder (25 Hz) output length for ``n_frames`` mel frames: conv2 (s2), then AvgPool1d(2, 2)."""
-    return _conv_s2(int(n_frames)) // 2
+def encoder_length(n_frames: int, rule: str = "steptrain") -> int:
+    """Encoder (25 Hz) output length for ``n_frames`` mel frames: conv2 (s2), then AvgPool1d(2, 2).
+
+    ``rule="step_audio_2"``: the length the official Step-Audio 2 code assigns, ``(T - 2 + 1) // 2 // 2``
+    (it passes ``T - 2`` as the clip length; docs/released_layouts.md), one less than the pooled length
+    for some T. See :class:`~steptrain.models.speech.configuration.AudioEncoderConfig` ``length_rule``.
+    """
+    n = int(n_frames)
+    if rule == "step_audio_2":
+        return max((n - 1) // 2 // 2, 0)
+    return _conv_s2(n) // 2
 
 
-def num_patches(n_frames: int) -> int:
+def num_patches(n_frames: int, rule: str = "steptrain") -> int:
     """Exact number of adapter outputs (12.5 Hz patches) for ``n_frames`` 100 Hz mel frames.
 
     conv1 keeps the length; conv2 (k3 s2 p1) gives L1 = (n-1)//2 + 1; AvgPool1d(2, 2) gives
     L2 = L1 // 2; the adapter conv (k3 s2 p1) gives (L2-1)//2 + 1, or 0 when L2 == 0 (n < 3).
     E.g. 2500 frames (25 s) -> 1250 -> 625 -> 313 patches.
+
+    ``rule="step_audio_2"``: the official Step-Audio 2 count ``((T-2+1)//2//2 - 1)//2 + 1`` (313 for the
+    2502 frames of a 25 s chunk; docs/released_layouts.md). It is never larger than the steptrain count,
+    and the encoder's first that many patches are used.
     """
-    return _conv_s2(encoder_length(n_frames))
+    return _conv_s2(encoder_length(n_frames, rule))
 
 
 def encoder_lengths(n_frames: torch.Tensor) -> torch.Tensor:
-    """Vectorised :func:`encoder_length` for an integer tensor of frame counts."""
+    """Vectorised :func:`encoder_length` (steptrain rule: the pooled positions a clip really has)."""
     n = n_frames.long()
     l1 = torch.where(n > 0, torch.div(n - 1, 2, rounding_mode="floor") + 1, torch.zeros_like(n))
     return torch.div(l1, 2, rounding_mode="floor")
 
 
-def num_patches_tensor(n_frames: torch.Tensor) -> torch.Tensor:
+def num_patches_tensor(n_frames: torch.Tensor, rule: str = "steptrain") -> torch.Tensor:
     """Vectorised :func:`num_patches` for an integer tensor of frame counts."""
-    l2 = encoder_lengths(n_frames)
+    if rule == "step_audio_2":
+        n = n_frames.long()
+        l2 = torch.clamp(torch.div(torch.div(n - 1, 2, rounding_mode="floor"), 2, rounding_mode="floor"), min=0)
+    else:
+        l2 = encoder_lengths(n_frames)
     return torch.where(l2 > 0, torch.div(l2 - 1, 2, rounding_mode="floor") + 1, torch.zeros_like(l2))
 
 
@@ -113,15 +129,16 @@ class AudioSelfAttention(nn.Module):
 
 
 class AudioEncoderLayer(nn.Module):
-    """Pre-LN block: x + Attn(LN(x)); x + MLP(LN(x)) with a 4x GELU MLP."""
+    """Pre-LN block: x + Attn(LN(x)); x + MLP(LN(x)) with a GELU MLP (4x wide unless ``ffn_dim``)."""
 
-    def __init__(self, d_model: int, n_heads: int, eps: float = 1e-5):
+    def __init__(self, d_model: int, n_heads: int, eps: float = 1e-5, ffn_dim: int | None = None):
         super().__init__()
+        ffn_dim = ffn_dim or 4 * d_model
         self.self_attn_layer_norm = nn.LayerNorm(d_model, eps=eps)
         self.self_attn = AudioSelfAttention(d_model, n_heads)
         self.final_layer_norm = nn.LayerNorm(d_model, eps=eps)
-        self.fc1 = nn.Linear(d_model, 4 * d_model)
-        self.fc2 = nn.Linear(4 * d_model, d_model)
+        self.fc1 = nn.Linear(d_model, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d_model)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x), key_mask)
@@ -131,8 +148,15 @@ class AudioEncoderLayer(nn.Module):
 class WhisperStyleEncoder(nn.Module):
     """Log-mel [B, n_mels, T] at 100 Hz -> [B, T', d_model] at 25 Hz, plus the valid lengths T'.
 
-    conv1 (k3 s1 p1) + GELU, conv2 (k3 s2 p1) + GELU, + fixed sinusoidal positions (persistent,
-    non-trainable buffer), pre-LN transformer blocks with key-padding masks, AvgPool1d(2, 2), LayerNorm.
+    conv1 (k3 s1 p1) + GELU, conv2 (k3 s2 p1) + GELU, + a position table, pre-LN transformer blocks with
+    key-padding masks, AvgPool1d(2, 2), LayerNorm.
+
+    The position table ``embed_positions`` [max_source_positions, d_model] is a persistent, non-trainable
+    buffer: a fresh encoder starts from Whisper's sinusoids, and a loaded one takes the checkpoint's
+    table exactly (a Whisper ``embed_positions.weight``, the released Step-Audio 2
+    ``encoder.positional_embedding.weight``, or steptrain's own), whatever values it holds.
+    Module names equal transformers' ``WhisperEncoder`` (conv1, conv2, layers.N.self_attn.q_proj, ...,
+    layer_norm), whose final ``layer_norm`` is this encoder's after-pool norm.
     """
 
     def __init__(self, config: AudioEncoderConfig):
@@ -143,13 +167,20 @@ class WhisperStyleEncoder(nn.Module):
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
         self.register_buffer("embed_positions", sinusoids(config.max_source_positions, d), persistent=True)
         self.layers = nn.ModuleList(
-            [AudioEncoderLayer(d, config.n_heads, config.layer_norm_eps) for _ in range(config.n_layers)]
+            [
+                AudioEncoderLayer(d, config.n_heads, config.layer_norm_eps, getattr(config, "ffn_dim", None))
+                for _ in range(config.n_layers)
+            ]
         )
         self.avg_pooler = nn.AvgPool1d(2, stride=2)
         self.layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None):
+    def frames(self, features: torch.Tensor, lengths: torch.Tensor | None = None):
+        """The last block's output before the pool and the norm: [B, L1, d] at 50 Hz, and lengths [B].
+
+        This is what transformers' ``WhisperEncoder`` holds just before its final ``layer_norm``.
+        """
         b, _, t = features.shape
         if lengths is None:
             lengths = torch.full((b,), t, dtype=torch.long, device=features.device)
@@ -168,6 +199,10 @@ class WhisperStyleEncoder(nn.Module):
             )
         x = x.transpose(1, 2) + self.embed_positions[:l1].to(x.dtype)
         valid1 = torch.where(lengths > 0, torch.div(lengths - 1, 2, rounding_mode="floor") + 1, 0)
+        if getattr(self.config, "length_rule", "steptrain") == "step_audio_2":
+            # The official code passes T - 2 as the length, which leaves a clip's last conv2 frame out of
+            # the keys (as for the clip encoded on its own; docs/released_layouts.md). Keep >= 1 key.
+            valid1 = torch.clamp(valid1 - 1, min=1)
         key_mask = _length_mask(valid1, l1)
         if bool(key_mask.all()):
             key_mask = None
@@ -180,13 +215,24 @@ class WhisperStyleEncoder(nn.Module):
                 x = ckpt(layer, x, key_mask)
             else:
                 x = layer(x, key_mask)
+        return x, valid1
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None):
+        b, _, t = features.shape
+        if lengths is None:
+            lengths = torch.full((b,), t, dtype=torch.long, device=features.device)
+        x, _ = self.frames(features, lengths)
         x = self.avg_pooler(x.transpose(1, 2)).transpose(1, 2)
         x = self.layer_norm(x)
-        return x, encoder_lengths(lengths)
+        return x, encoder_lengths(lengths.to(x.device))
 
 
 class AudioAdapter(nn.Module):
-    """[B, T', d] 25 Hz -> [B, T'', llm_hidden] 12.5 Hz: Conv1d(k3 s2 p1) + GELU, Linear, ReLU, Linear."""
+    """[B, T', d] 25 Hz -> [B, T'', llm_hidden] 12.5 Hz: Conv1d(k3 s2 p1) + GELU, Linear, ReLU, Linear.
+
+    The order and activations are the released Step-Audio 2 ``Adaptor``'s (gelu(conv) -> linear1 -> ReLU
+    -> linear2; docs/released_layouts.md), so its weights load unchanged.
+    """
 
     def __init__(self, d_model: int, adapter_hidden: int, llm_hidden: int):
         super().__init__()
@@ -388,14 +434,20 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         dtype: torch.dtype | None = None,
         **overrides,
     ) -> SpeechLMForCausalLM:
-        """Assemble from an HF causal-LM directory (or ``llm_config`` for a random LLM) and an
-        encoder+adapter saved with :meth:`save_encoder` (or a fresh random one when None).
+        """Assemble from an HF causal-LM directory (or ``llm_config`` for a random LLM) and an encoder.
+
+        ``encoder_path``: an encoder+adapter saved with :meth:`save_encoder`, or a transformers Whisper
+        directory (:mod:`steptrain.models.speech.whisper`: encoder and final norm from Whisper, a fresh
+        adapter of width ``adapter_hidden``, 2048 by default), or None for a fresh random encoder.
 
         ``overrides`` are :class:`SpeechLMConfig` fields (token ids, ``encoder_config``, ...). With an
         ``encoder_path`` the saved encoder config is used unless ``encoder_config`` is overridden.
         """
         from transformers import AutoConfig
 
+        from steptrain.models.speech import whisper
+
+        adapter_hidden = overrides.pop("adapter_hidden", whisper.DEFAULT_ADAPTER_HIDDEN)
         if llm_path is not None:
             llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
             llm_cfg = llm.config
@@ -404,7 +456,11 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
                 raise ValueError("from_parts needs llm_path or llm_config")
             llm = None
             llm_cfg = llm_config if not isinstance(llm_config, dict) else AutoConfig.for_model(**llm_config)
-        if encoder_path is not None and "encoder_config" not in overrides:
+        whisper_state = None
+        if whisper.is_whisper_dir(encoder_path):
+            enc_cfg, whisper_state = whisper.load_whisper_encoder(encoder_path, adapter_hidden)
+            overrides.setdefault("encoder_config", enc_cfg)
+        elif encoder_path is not None and "encoder_config" not in overrides:
             with open(os.path.join(encoder_path, ENCODER_CONFIG)) as f:
                 meta = json.load(f)
             if meta["llm_hidden_size"] != llm_cfg.hidden_size:
@@ -422,7 +478,9 @@ class SpeechLMForCausalLM(SpeechLMPreTrainedModel, GenerationMixin):
         overrides.setdefault("attn_implementation", llm_cfg._attn_implementation)
         config = SpeechLMConfig(llm_config=llm_cfg, **overrides)
         model = cls(config, llm=llm)
-        if encoder_path is not None:
+        if whisper_state is not None:
+            model.audio_encoder.load_state_dict(whisper_state, strict=True)
+        elif encoder_path is not None:
             model.load_encoder(encoder_path)
         if dtype is not None:
             model.to(dtype)
@@ -442,7 +500,8 @@ def encode_clips(encoder, adapter, audio_features: torch.Tensor, audio_lengths: 
     feats = audio_features.to(device=param.device, dtype=param.dtype)
     hidden, enc_lengths = encoder(feats, audio_lengths)
     out = adapter(hidden, enc_lengths)
-    return out, num_patches_tensor(audio_lengths.to(out.device))
+    rule = getattr(encoder.config, "length_rule", "steptrain")
+    return out, num_patches_tensor(audio_lengths.to(out.device), rule)
 
 
 def place_audio(input_ids, inputs_embeds, audio_out, counts, patch_id):
