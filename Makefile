@@ -6,17 +6,28 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo_out
 
-.PHONY: setup demo demo-text test lint bench clean
+.PHONY: setup demo demo-text test lint bench lock clean
 
 setup: $(VENV)/.installed
 
 # torch first, pinned: the CPU wheel on this kind of machine; an unpinned torch pulls a CUDA build.
-$(VENV)/.installed: pyproject.toml
+# constraints.txt is the lock: the exact versions the suite was last run with (pyproject.toml keeps ranges).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --upgrade "pip==$$(sed -n 's/^pip==//p' constraints.txt)"
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
+
+# Refresh the lock on purpose: newest versions pyproject.toml allows, in a scratch venv, then run `make test`.
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q torch==2.13.0
+	.lock-venv/bin/python -m pip install -q -e ".[dev]"
+	{ echo '# The lock: exact versions the test suite passed with (make lock refreshes it; pyproject.toml keeps ranges).'; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude-editable | grep -v '^setuptools==' | sed 's/+cpu$$//'; } > constraints.txt
+	rm -rf .lock-venv
 
 # Speech ASR (Step-Audio 2 layout): DTMF spoken digits -> a tiny encoder (CTC pre-trained, then frozen) ->
 # adapter -> a tiny random Qwen2; held-out CER before/after, then an HF export.

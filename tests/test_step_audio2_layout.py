@@ -276,3 +276,36 @@ def load_model_from(path, speech):
     model, new_ids = load_model(cfg.model, tok)
     assert new_ids == []
     return model.eval(), tok
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "grpo"])
+def test_preference_and_rl_recipes_run_on_the_released_layout(released, speech, tmp_path, recipe):
+    import importlib
+
+    common = [f"model.path={released['dir']}", f"output_dir={tmp_path / 'run'}", "trainer.max_steps=2",
+              "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false"]
+    if recipe == "dpo":
+        rows = [json.loads(line) for line in speech["asr_train"].read_text().splitlines()][:16]
+        pairs = speech["asr_train"].parent / "pairs_step_audio_2.jsonl"  # audio paths are relative to the JSONL
+        pairs.write_text("".join(json.dumps({**r, "rejected_response": "0 0 0"}) + "\n" for r in rows))
+        args = ["experiment=dpo", f"data.train_files=[{pairs}]", "trainer.batch_size=4", "optim.lr=1e-3", *common]
+    else:
+        args = ["experiment=grpo", f"data.train_files=[{speech['asr_train']}]", "objective.rewards={cer:1.0}",
+                "rollout.num_generations=2", "rollout.max_new_tokens=4", "trainer.batch_size=2",
+                "trainer.generate_eval=0", *common]
+    result = importlib.import_module(f"steptrain.recipes.{recipe}").run(load_config(args))
+    assert torch.isfinite(torch.tensor(result["train"]["loss"]))
+    trained, _, _ = rebuild_from_checkpoint(tmp_path / "run" / "checkpoints" / "step_2")
+    assert trained.config.checkpoint_layout == "step_audio_2"
+
+
+def test_sharded_save_and_load_keep_the_layout(released, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(released["dir"]).eval()
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="300KB")  # released layout, in shards
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(released["tensors"]) and len(set(index["weight_map"].values())) > 1
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
+    assert model.config.audio_patch_id == released["tokenizer"].convert_tokens_to_ids("<audio_patch>")  # its tokenizer's
+    assert again.config.audio_patch_id == 151690  # no tokenizer in the directory: the published ids

@@ -12,7 +12,7 @@ from steptrain.data import collate, load_sft_data
 from steptrain.export import export_checkpoint, rebuild_from_checkpoint
 from steptrain.inputs import clip_features, resolve_inputs
 from steptrain.models.forward import lm_logits
-from steptrain.models.loader import load_tokenizer, speech_front_end
+from steptrain.models.loader import speech_front_end
 from steptrain.models.presets import preset_config
 from steptrain.models.speech import SpeechLMForCausalLM
 from tests.conftest import read_metrics
