@@ -23,6 +23,7 @@ def main() -> None:
 
     from steptrain.config import load_config, load_saved_config
     from steptrain.data import collate, load_sft_data, read_rows
+    from steptrain.inputs import resolve_inputs
     from steptrain.engines import build_engine
     from steptrain.engines.optim import param_groups
     from steptrain.models.loader import load_tokenizer
@@ -38,7 +39,7 @@ def main() -> None:
     engine = build_engine(cfg.engine, cfg.trainer, cfg.optim)
     tokenizer = load_tokenizer(cfg.model)
     rows, _ = read_rows(list(cfg.data.eval_files))
-    examples = load_sft_data(rows[:6], tokenizer, cfg.data).examples
+    examples = load_sft_data(rows[:6], tokenizer, cfg.data, resolve_inputs(cfg, tokenizer)).examples
     batches = [
         collate([[0], [1], [2]], examples, pad_id=tokenizer.pad_token_id, packing=False),
         collate([[3, 4], [5]], examples, pad_id=tokenizer.pad_token_id, packing=True),

@@ -77,6 +77,7 @@ def test_preset_lora_export_rebuilds_the_trained_model(assets, tmp_path):
     from steptrain.data import load_sft_data, read_rows
     from steptrain.engines.single import SingleEngine
     from steptrain.eval import evaluate_loss
+    from steptrain.inputs import resolve_inputs
     from tests.conftest import read_metrics
 
     out = tmp_path / "run"
@@ -90,6 +91,6 @@ def test_preset_lora_export_rebuilds_the_trained_model(assets, tmp_path):
     tok = AutoTokenizer.from_pretrained(merged)
     engine = SingleEngine(cfg.engine, cfg.trainer)
     engine.module = AutoModelForCausalLM.from_pretrained(merged).eval()
-    examples = load_sft_data(read_rows([str(assets["eval"])])[0], tok, cfg.data).examples
+    examples = load_sft_data(read_rows([str(assets["eval"])])[0], tok, cfg.data, resolve_inputs(cfg, tok)).examples
     metrics = evaluate_loss(engine, examples, batch_size=4, max_length=64, pad_id=tok.pad_token_id)
     assert metrics["eval/loss"] == pytest.approx(trained_eval, rel=1e-5)

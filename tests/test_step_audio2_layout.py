@@ -204,6 +204,15 @@ def test_config_and_keys_convert_both_ways(released):
     assert STEP_AUDIO_2.to_released_keys(names).keys() == released["tensors"].keys()
     with pytest.raises(ValueError, match="unexpected tensors"):
         STEP_AUDIO_2.to_steptrain_keys({"encoder.blocks.0.attn.bogus.weight": torch.zeros(1)})
+    # the LLM part is a plain Qwen2 with the model.* / lm_head tensors
+    from transformers import Qwen2ForCausalLM
+
+    qwen = Qwen2ForCausalLM(speech_cfg.llm_config).eval()
+    qwen.load_state_dict({k: v for k, v in released["tensors"].items() if k.startswith(("model.", "lm_head."))})
+    ours = AutoModelForCausalLM.from_pretrained(released["dir"]).eval()
+    ids = torch.randint(0, 280, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, qwen(input_ids=ids).logits)
 
 
 # --- load -> train -> export -> reload ------------------------------------------------------------

@@ -10,7 +10,7 @@ Per micro-batch of ``trainer.batch_size`` prompts (rows as for recipe=grpo):
   4. the policy takes the clipped-surrogate step (as GRPO, with token advantages); then the critic, a
      second engine of the same kind with its own optimizer, takes a step on the clipped value loss over
      the same micro-batches. ``optim.hold_steps=N`` keeps the policy still for N steps while the critic
-     warms up (Step-Audio 2: 80 steps).
+     warms up (Step-Audio: 80 steps, docs/step_facts.md).
 The critic is an ``AutoModelForTokenClassification`` (1 label) from ``objective.critic_path`` (a reward
 model from recipe=reward loads its trained head) or the policy's ``model.path`` (a fresh head); it is
 saved in every checkpoint under ``critic/`` and resumed with the policy.

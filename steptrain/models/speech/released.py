@@ -31,6 +31,7 @@ loads a released directory without remote code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -313,7 +314,8 @@ class CheckpointLayout:
         config = self.to_speech_config(released, adapter_hidden=adapter_hidden, **overrides)
         if attn_implementation is not None:
             config.llm_config._attn_implementation = attn_implementation
-        model = StepAudio2ForCausalLM(config)
+        with _building(dtype):  # every tensor is loaded below: skip the random init, build in the target dtype
+            model = StepAudio2ForCausalLM(config)
         if config.llm_config.tie_word_embeddings:
             state.pop("llm.lm_head.weight", None)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -321,8 +323,10 @@ class CheckpointLayout:
             missing = [k for k in missing if k != "llm.lm_head.weight"]
         if missing or unexpected:
             raise ValueError(f"{directory}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
-        if dtype is not None:
-            model.to(dtype)
+        if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
+            model.to(dtype)  # built in dtype already, which keeps fp32 buffers (RoPE inv_freq) as transformers does
+        if dtype is not None:  # the position table is a checkpoint tensor: it takes the model's dtype
+            model.audio_encoder.embed_positions = model.audio_encoder.embed_positions.to(dtype)
         if config.freeze_encoder:
             model.audio_encoder.requires_grad_(False)
         gen = model.llm.generation_config
@@ -366,6 +370,20 @@ def layout_of(model) -> CheckpointLayout | None:
     """The released layout a model was loaded from (None: steptrain's own layout)."""
     cfg = getattr(model, "config", None)
     return STEP_AUDIO_2 if getattr(cfg, "checkpoint_layout", None) == MODEL_TYPE else None
+
+
+@contextlib.contextmanager
+def _building(dtype: torch.dtype | None):
+    from transformers.initialization import no_init_weights
+
+    old = torch.get_default_dtype()
+    if dtype is not None and dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        with no_init_weights():
+            yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def _token_ids(tokenizer, directory) -> dict[str, int]:
