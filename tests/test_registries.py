@@ -78,9 +78,10 @@ def test_cli_runs_the_registered_recipes():
 
 
 def test_registries_import_without_torch():
-    """The config derives its choices from them: importing them must stay cheap (no torch)."""
+    """The config derives its choices from them: importing them, and the config, must stay cheap (no torch)."""
     code = ("import sys\n"
             "import steptrain.objectives.registry, steptrain.rollout.registry, steptrain.engines, steptrain.recipes\n"
+            "import steptrain.config, steptrain.data.templates\n"
             "heavy = sorted(m for m in ('torch', 'transformers', 'deepspeed', 'megatron') if m in sys.modules)\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -227,11 +227,12 @@ def run_args(released, speech, out, *extra):
     ]
 
 
-def test_train_export_reload_in_released_layout(released, speech, tmp_path):
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_train_export_reload_in_released_layout(released, speech, tmp_path, peft):
     from steptrain.recipes.sft import run
 
     out = tmp_path / "run"
-    cfg = load_config(run_args(released, speech, out))
+    cfg = load_config(run_args(released, speech, out, f"peft={peft}"))
     assert is_speech_config(cfg.model) and speech_front_end(cfg.model).length_rule == "step_audio_2"
     run(cfg)
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
@@ -253,7 +254,7 @@ def test_train_export_reload_in_released_layout(released, speech, tmp_path):
     batch = collate([[0], [1], [2]], data.examples, pad_id=tok.pad_token_id, packing=False, audio_features=clip_features)
     with torch.no_grad():
         expected = lm_logits(trained, batch)
-    exported = export_checkpoint(ckpt, tmp_path / "export")
+    exported = export_checkpoint(ckpt, tmp_path / "export", merge_lora=True)
 
     src_cfg = json.loads((released["dir"] / "config.json").read_text())
     exp_cfg = json.loads((exported / "config.json").read_text())
@@ -275,6 +276,10 @@ def test_train_export_reload_in_released_layout(released, speech, tmp_path):
     again, _ = load_model_from(exported, speech)
     with torch.no_grad():
         torch.testing.assert_close(lm_logits(again, batch), expected, atol=1e-6, rtol=1e-6)
+    if peft == "none":  # `steptrain eval` scores and generates from the export
+        from steptrain.cli import main
+
+        assert main(["eval", str(exported), str(speech["asr_eval"]), "--limit", "2", "--max-new-tokens", "4"]) == 0
 
 
 def load_model_from(path, speech):

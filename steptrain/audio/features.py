@@ -17,6 +17,11 @@ Frame alignment with ``transformers.WhisperFeatureExtractor`` (verified in tests
 - ``log_mel(x, padding=0)`` equals the extractor with ``padding=False`` applied to ``x`` (n // 160
   frames); only the last ~2 frames differ from the padded versions (reflection vs zeros).
 Audio longer than 30 s must be cut first (``chunk_audio``: 25 s spans, as Step-Audio 2 does).
+
+``num_frames(n)`` is the official Step-Audio 2 frame count T of a chunk (2502 for 25 s), from which the
+official patch count follows (docs/released_layouts.md, "Front end and prompt arithmetic"). ``n_mels`` is
+a parameter everywhere; the recipes compute 128 bins, and an encoder expecting another count is refused
+before training (``steptrain.models.loader.speech_front_end``).
 """
 
 from __future__ import annotations

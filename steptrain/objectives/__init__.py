@@ -6,8 +6,9 @@ the config can read it cheaply; the functions below are imported on first use.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from steptrain.lazy import lazy_exports
 
 if TYPE_CHECKING:  # what __getattr__ provides, for type checkers and editors
     from steptrain.objectives.lm import lm_loss_sum, stats_vector, summarize_stats
@@ -45,14 +46,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

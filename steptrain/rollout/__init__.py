@@ -6,8 +6,9 @@ generation functions below are imported on first use.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from steptrain.lazy import lazy_exports
 
 if TYPE_CHECKING:  # what __getattr__ provides, for type checkers and editors
     from steptrain.rollout.generate import Sampling, generate_greedy, generate_ids, stop_ids
@@ -15,13 +16,4 @@ if TYPE_CHECKING:  # what __getattr__ provides, for type checkers and editors
 __all__ = ["Sampling", "generate_greedy", "generate_ids", "stop_ids"]
 
 
-def __getattr__(name: str):
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.generate"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(__all__, "generate"))

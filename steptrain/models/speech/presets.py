@@ -3,7 +3,7 @@
 ``tiny-speech``: encoder d_model 64, 2 layers, 2 heads, adapter 128, LLM = steptrain's ``tiny`` Qwen2.
 ``step-audio-2-mini``: encoder 1280 / 20 heads / 32 layers (Whisper-large-v3 style), adapter 2048,
 Qwen2 hidden 3584, 28 layers, 28 heads, 4 KV heads, vocab 158720 (never instantiate it in tests).
-The Step-Audio 2 mini LLM fields beyond those published in STEP_FACTS (FFN 18944, rope theta 1e6,
+The Step-Audio 2 mini LLM fields beyond those published (docs/step_facts.md, docs/released_layouts.md) (FFN 18944, rope theta 1e6,
 rms eps 1e-6, untied head, 32k positions) are the Qwen2-7B values and are an assumption.
 """
 

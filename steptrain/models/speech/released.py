@@ -430,12 +430,16 @@ class StepAudio2ForCausalLM(SpeechLMForCausalLM):
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         if isinstance(dtype, str):
             dtype = None if dtype == "auto" else getattr(torch, dtype)
-        return STEP_AUDIO_2.load(
+        model = STEP_AUDIO_2.load(
             pretrained_model_name_or_path,
             dtype=dtype,
             attn_implementation=kwargs.pop("attn_implementation", None),
             tokenizer=kwargs.pop("tokenizer", None),
         )
+        device = kwargs.pop("device_map", None)
+        if isinstance(device, (str, torch.device)) and device != "auto":
+            model.to(device)
+        return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         STEP_AUDIO_2.save(self, save_directory, max_shard_size=kwargs.get("max_shard_size", "5GB"))
