@@ -208,7 +208,8 @@ def test_grpo_raises_the_reward(assets, tmp_path):
     evals = [r["eval/reward"] for r in metrics if "eval/reward" in r]
     assert evals[0] < 0.2 and evals[-1] > 0.8, evals  # greedy completions turn into digits
     train = [r for r in metrics if "reward" in r]
-    assert len(train) == 30 and sum(r["reward"] for r in train[-5:]) / 5 > 0.6
+    # sampled (temperature 1) rewards of the last 5 steps: 0.57-0.97 over trainer seeds 1-9 and 42, from ~0.05
+    assert len(train) == 30 and sum(r["reward"] for r in train[-5:]) / 5 > 0.4
     assert {"reward_std", "frac_reward_zero_std", "completion_length", "kl", "clip_ratio", "rewards/digits"} <= set(train[0])
     # the exported model (HF directory) decodes what the trained policy decoded
     assert main(["export", str(out / "checkpoints" / "step_30"), str(tmp_path / "export")]) == 0
@@ -296,8 +297,11 @@ def test_ppo_raises_the_reward_with_a_learning_critic(assets, tmp_path):
     evals = [r["eval/reward"] for r in metrics if "eval/reward" in r]
     assert evals[0] < 0.2 and evals[-1] > 0.8, evals
     train = [r for r in metrics if "reward" in r]
-    first, last = train[:5], train[-5:]
-    assert sum(r["critic/loss"] for r in last) < sum(r["critic/loss"] for r in first)  # the critic fits the returns
+    # The critic fits the returns: its values follow them up from ~0 (last 5 steps over trainer seeds 1-7 and 42:
+    # returns 0.55-0.97, |values - returns| at most 9% of them). Its loss rises and falls with the rewards (last 5
+    # steps above the first 5 on half of those seeds), so it is no measure of fit.
+    values, returns = (sum(r[k] for r in train[-5:]) / 5 for k in ("critic/values", "critic/returns"))
+    assert returns > 0.4 and abs(values - returns) < 0.25 * returns, (values, returns)
     assert (out / "checkpoints" / "step_30" / "critic" / "model.safetensors").exists()
 
 

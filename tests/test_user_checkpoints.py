@@ -11,7 +11,15 @@ from omegaconf import OmegaConf
 
 from steptrain.cli import main
 from tests.conftest import train_losses
-from tests.user_world import REPLY_END, REPLY_START, STYLES, build_checkpoint, rows, write_jsonl
+from tests.user_world import (
+    REPLY_END,
+    REPLY_START,
+    STYLES,
+    build_checkpoint,
+    build_whisper,
+    rows,
+    write_jsonl,
+)
 
 QUIET = ["logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false"]
 SHORT = ["trainer.max_steps=2", "trainer.batch_size=2", "trainer.save_every=0", *QUIET]
@@ -160,3 +168,28 @@ def test_inspect_renders_trained_spans_and_summarises_heard_audio(assets, speech
     assert f"<audio: {end - start - 2} patches, {seconds:.2f} s>Transcribe the digits." in text
     assert f"\u00ab{reply}<|EOT|>\u00bb" in text  # the trained reply, marked
     assert text.splitlines()[-1].startswith("--- data: template jinja template")
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_asr_from_a_whisper_encoder_with_three_arguments(world, speech, style, capsys, tmp_path):
+    """asr_sft on the user's LLM (any of the four tokenizers) + an HF Whisper encoder: the audio specials are
+    added to the tokenizer, the template is the LLM's own, and the heard clip sits in the user turn."""
+    whisper = world["root"] / "whisper"
+    if not whisper.exists():
+        build_whisper(whisper)
+    args = ["experiment=asr_sft", f"model.llm_path={world[style]}", f"model.encoder_path={whisper}",
+            f"data.train_files=[{speech['asr_train']}]", f"output_dir={tmp_path / 'run'}"]
+    shown, report = _inspect(capsys, *args)
+    assert report["skipped"] == {} and report["audio_seconds"] > 0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world[style])
+    lines = speech["asr_train"].read_text().splitlines()
+    for s in shown:
+        line = lines[int(s["source"].rsplit(":", 1)[1]) - 1]
+        (start, end), = s["audio_spans"]
+        assert all(lab == -100 for lab in s["labels"][:end])  # the prompt and the heard clip carry no loss
+        reply = json.loads(line)["messages"][1]["content"]
+        assert [tok.decode(r) for r in _runs(s["labels"])] == [REPLY_START[style] + reply + REPLY_END[style]]
+    assert main(["train", *args, *SHORT]) == 0
+    assert sorted(train_losses(tmp_path / "run")) == [1, 2]

@@ -88,6 +88,20 @@ def build_checkpoint(style: str, directory: Path) -> Path:
     return directory
 
 
+def build_whisper(directory: Path) -> Path:
+    """A tiny random HF Whisper (128 mel bins like large-v3, 30 s of positions), saved by transformers."""
+    import torch
+    from transformers import WhisperConfig, WhisperModel
+
+    torch.manual_seed(0)
+    config = WhisperConfig(vocab_size=64, num_mel_bins=128, d_model=32, encoder_layers=2, encoder_attention_heads=4,
+                           encoder_ffn_dim=64, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64,
+                           max_source_positions=1500, max_target_positions=16, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2, decoder_start_token_id=1)
+    WhisperModel(config).save_pretrained(directory)
+    return directory
+
+
 def rows(n: int = 16) -> list[dict]:
     """Single-turn digit tasks (no system turn: the [INST] template refuses one) and one two-turn row."""
     out = []
