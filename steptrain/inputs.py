@@ -11,6 +11,7 @@ template is known before a model is built (see ``steptrain.data.templates``).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -22,14 +23,14 @@ from steptrain.audio.io import load_audio
 from steptrain.data import AudioClip, AudioSpec, ReplyAudioSpec
 from steptrain.data.run_inputs import RunInputs
 from steptrain.data.templates import ChatTemplate, resolve_template
-from steptrain.models.loader import audio_code_ids, is_speech_config
+from steptrain.models.loader import audio_code_ids, is_speech_config, speech_front_end
 
 __all__ = ["RunInputs", "clip_features", "model_family", "resolve_inputs", "with_resolved_template"]
 
 
-def clip_features(clip: AudioClip) -> torch.Tensor:
-    """128-bin log-mel [n_mels, frames] of one chunk."""
-    return log_mel(load_audio(clip.path)[clip.start : clip.start + clip.length])
+def clip_features(clip: AudioClip, n_mels: int = 128) -> torch.Tensor:
+    """Log-mel [n_mels, frames] of one chunk (128 bins: Step-Audio 2 / Whisper large-v3; 80: earlier Whisper)."""
+    return log_mel(load_audio(clip.path)[clip.start : clip.start + clip.length], n_mels=n_mels)
 
 
 def model_family(model_cfg) -> str | None:
@@ -41,12 +42,9 @@ def model_family(model_cfg) -> str | None:
     return json.loads(config.read_text()).get("model_type")
 
 
-def _speech_audio_spec(tokenizer, data_cfg, model_cfg=None) -> AudioSpec:
+def _speech_audio_spec(tokenizer, data_cfg, front) -> AudioSpec:
     """Patch counts follow the model's front end (``steptrain.models.loader.speech_front_end``: e.g. the
-    official arithmetic for a released Step-Audio 2 checkpoint; steptrain's rule without ``model_cfg``)."""
-    from steptrain.models.loader import SpeechFrontEnd, speech_front_end
-
-    front = speech_front_end(model_cfg) if model_cfg is not None else SpeechFrontEnd()
+    official arithmetic for a released Step-Audio 2 checkpoint)."""
     return AudioSpec.from_tokenizer(
         tokenizer,
         patches=front.patches,
@@ -86,12 +84,16 @@ def resolve_inputs(cfg, tokenizer) -> RunInputs:
     speech model, spoken-reply tokens for ``model.audio_codes``."""
     template = resolve_template(cfg.data.template, tokenizer, family=model_family(cfg.model), bos=cfg.data.bos,
                                 default_system=cfg.data.system)
-    audio = _speech_audio_spec(tokenizer, cfg.data, cfg.model) if is_speech_config(cfg.model) else None
+    audio = features = None
+    if is_speech_config(cfg.model):
+        front = speech_front_end(cfg.model)  # the encoder's mel bins and patch arithmetic, read from its files
+        audio = _speech_audio_spec(tokenizer, cfg.data, front)
+        features = clip_features if front.n_mels == 128 else functools.partial(clip_features, n_mels=front.n_mels)
     return RunInputs(
         template=template,
         audio=audio,
         reply=_reply_audio_spec(tokenizer, cfg.model, cfg.data),
-        features=clip_features if audio else None,
+        features=features,
         audio_ids=audio_code_ids(tokenizer, cfg.model.audio_codes),
     )
 

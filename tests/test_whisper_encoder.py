@@ -1,4 +1,4 @@
-"""A transformers Whisper directory as `model.encoder_path`: exact encoder, ASR training, export, refusal."""
+"""A transformers Whisper directory as `model.encoder_path`: exact encoder, ASR training, export, 80 bins."""
 
 from __future__ import annotations
 
@@ -70,20 +70,30 @@ def test_encoder_matches_transformers_whisper(cls, tmp_path):
     torch.testing.assert_close(pooled, enc.layer_norm(torch.nn.functional.avg_pool1d(frames.transpose(1, 2), 2).transpose(1, 2)))
 
 
-def test_80_bin_whisper_is_refused_before_training(assets, speech, tmp_path):
-    save_whisper(WhisperModel, tmp_path / "whisper80", n_mels=80)
-    # the model itself can take 80 bins ...
-    m = SpeechLMForCausalLM.from_parts(None, str(tmp_path / "whisper80"), llm_config=preset_config("tiny", vocab_size=300), **IDS)
-    assert m.audio_encoder.conv1.in_channels == 80
-    # ... but the recipes compute 128-bin features, so a run is refused before any data or weights load
-    cfg = load_config(asr_args(assets, speech, tmp_path / "run", tmp_path / "whisper80"))
-    with pytest.raises(ValueError, match="80 mel bins.*128-bin"):
-        speech_front_end(cfg.model)
+def test_80_bin_whisper_gets_80_bin_features_and_trains(assets, speech, tmp_path):
+    """Whisper up to large-v2 takes 80 mel bins: the run computes them (as WhisperFeatureExtractor(80) does)."""
+    import numpy as np
+    from transformers import WhisperFeatureExtractor
+
+    from steptrain.audio.io import load_audio
+    from steptrain.models.loader import load_tokenizer
     from steptrain.recipes.sft import run
 
-    with pytest.raises(ValueError, match="80 mel bins"):
-        run(cfg)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    save_whisper(WhisperModel, tmp_path / "whisper80", n_mels=80, max_source_positions=1500)
+    cfg = load_config(asr_args(assets, speech, tmp_path / "run", tmp_path / "whisper80"))
+    assert speech_front_end(cfg.model).n_mels == 80
+    tok = load_tokenizer(cfg.model)
+    inputs = resolve_inputs(cfg, tok)
+    (example,) = load_sft_data([str(speech["asr_train"])], tok, cfg.data, inputs).examples[:1]
+    clip = example.audio[0]
+    feats = inputs.features(clip)
+    wave = load_audio(clip.path)[clip.start : clip.start + clip.length]
+    ref = WhisperFeatureExtractor(feature_size=80)(wave, sampling_rate=16000, return_tensors="np").input_features[0]
+    assert feats.shape[0] == 80
+    np.testing.assert_allclose(feats.numpy(), ref[:, : feats.shape[1]], atol=1e-4, rtol=0)
+    run(cfg)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(losses) == 5 and losses[-1] < losses[0]
 
 
 def asr_args(assets, speech, out, encoder, *extra):

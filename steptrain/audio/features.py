@@ -20,8 +20,8 @@ Audio longer than 30 s must be cut first (``chunk_audio``: 25 s spans, as Step-A
 
 ``num_frames(n)`` is the official Step-Audio 2 frame count T of a chunk (2502 for 25 s), from which the
 official patch count follows (docs/released_layouts.md, "Front end and prompt arithmetic"). ``n_mels`` is
-a parameter everywhere; the recipes compute 128 bins, and an encoder expecting another count is refused
-before training (``steptrain.models.loader.speech_front_end``).
+a parameter everywhere; a run computes as many bins as its encoder takes (128 for Step-Audio 2 and Whisper
+large-v3, 80 for earlier Whisper; ``steptrain.models.loader.speech_front_end``).
 """
 
 from __future__ import annotations

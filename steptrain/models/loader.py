@@ -26,7 +26,6 @@ def full_shape(p: torch.Tensor) -> torch.Size:
 
 
 SPEECH_MODEL_TYPES = ("steptrain_speech_lm", "step_audio_2")  # steptrain's own layout, the released Step-Audio 2
-FRONT_END_N_MELS = 128  # the bins steptrain's recipes compute (steptrain.inputs.clip_features)
 
 
 def _config_json(directory) -> dict:
@@ -66,13 +65,13 @@ class SpeechFrontEnd:
         return num_patches(num_frames(n_samples), self.length_rule)
 
 
-def speech_front_end(model_cfg, check: bool = True) -> SpeechFrontEnd:
+def speech_front_end(model_cfg) -> SpeechFrontEnd:
     """The :class:`SpeechFrontEnd` of the configured speech model, read from its files (nothing is built).
 
     Sources: a released ``step_audio_2`` directory (official patch arithmetic, docs/released_layouts.md), a
     steptrain-saved model or encoder (their encoder_config), a Whisper ``model.encoder_path``
-    (``num_mel_bins``), a speech preset. ``check``: refuse, with the reason, an encoder whose bin count is not
-    the 128 that steptrain's recipes compute (e.g. an 80-bin Whisper), before any data or model is loaded.
+    (``num_mel_bins``: 80 up to Whisper large-v2, 128 from large-v3), a speech preset. The run's log-mel
+    features are computed with its ``n_mels`` (``steptrain.inputs.resolve_inputs``).
     """
     import json
     from pathlib import Path
@@ -97,13 +96,6 @@ def speech_front_end(model_cfg, check: bool = True) -> SpeechFrontEnd:
         elif cfg.get("model_type") == "steptrain_speech_lm":
             enc = cfg.get("encoder_config") or {}
             n_mels, rule = enc.get("n_mels", 128), enc.get("length_rule", "steptrain")
-    if check and n_mels != FRONT_END_N_MELS:
-        where = model_cfg.encoder_path or model_cfg.path or model_cfg.preset
-        raise ValueError(
-            f"{where}: the audio encoder takes {n_mels} mel bins, but steptrain's recipes compute "
-            f"{FRONT_END_N_MELS}-bin log-mel features (the Step-Audio 2 / Whisper-large-v3 front end); "
-            f"use a {FRONT_END_N_MELS}-bin encoder such as Whisper large-v3"
-        )
     return SpeechFrontEnd(int(n_mels), rule)
 
 
@@ -113,10 +105,7 @@ def load_tokenizer(model_cfg) -> PreTrainedTokenizerBase:
     if tok.pad_token_id is None:
         # Padding positions never carry loss, so any id works; EOS is the conventional choice.
         tok.pad_token = tok.eos_token or tok.unk_token
-    speech = is_speech_config(model_cfg)
-    if speech:
-        speech_front_end(model_cfg)  # refuses an encoder the recipes' front end cannot feed, before any data is read
-    wanted = list(SPEECH_TOKENS) if speech else []
+    wanted = list(SPEECH_TOKENS) if is_speech_config(model_cfg) else []
     if model_cfg.audio_codes:  # codes first, so <audio_0..N-1> get contiguous ids
         wanted = [f"<audio_{k}>" for k in range(model_cfg.audio_codes)] + wanted + ["<tts_start>", "<tts_end>"]
     if wanted:
@@ -162,7 +151,6 @@ def load_model(model_cfg, tokenizer) -> tuple[PreTrainedModel, list[int]]:
     elif model_cfg.llm_path:
         from steptrain.models.speech import SpeechLMForCausalLM
 
-        speech_front_end(model_cfg)  # an encoder the front end cannot feed is refused before training
         model = SpeechLMForCausalLM.from_parts(
             model_cfg.llm_path, model_cfg.encoder_path, dtype=DTYPES[model_cfg.dtype], **speech_overrides(tokenizer, model_cfg)
         )

@@ -318,6 +318,7 @@ class CheckpointLayout:
             model = StepAudio2ForCausalLM(config)
         if config.llm_config.tie_word_embeddings:
             state.pop("llm.lm_head.weight", None)
+            model.tie_weights()
         missing, unexpected = model.load_state_dict(state, strict=False)
         if config.llm_config.tie_word_embeddings:
             missing = [k for k in missing if k != "llm.lm_head.weight"]

@@ -11,10 +11,9 @@ final ``layer_norm`` becomes the norm after Step's average pool, as in Qwen2-Aud
 -> layer_norm); the encoder output before the pool equals Whisper's last block output. The adapter is
 new (randomly initialised, trained), the LLM comes from ``model.llm_path``.
 
-Mel bins: the encoder's conv1 takes ``num_mel_bins`` inputs (128 for large-v3). steptrain's recipes compute
-128-bin features (Step-Audio 2's front end), so a checkpoint with another bin count (80 for Whisper up to
-large-v2) is refused before training by :func:`steptrain.models.speech.released.speech_front_end`; the
-modeling code itself takes any bin count (see docs/released_layouts.md, "Whisper encoders").
+Mel bins: the encoder's conv1 takes ``num_mel_bins`` inputs (128 for large-v3, 80 up to large-v2); the run
+computes its log-mel features with that many bins (:func:`steptrain.models.loader.speech_front_end`, read
+by ``steptrain.inputs.resolve_inputs``; see docs/released_layouts.md, "Whisper encoders").
 """
 
 from __future__ import annotations
