@@ -83,11 +83,12 @@ def test_spoken_reply_transcript_interleaves_with_its_audio_tokens(assets, tts, 
 
 def test_tts_training_raises_audio_token_accuracy(assets, tts, tmp_path):
     out = tmp_path / "run"
-    assert main(["train", *tts_args(assets, tts, out, "trainer.max_steps=40", "objective.audio_loss_weight=2.0")]) == 0
+    # 80 steps: held-out audio-token accuracy 0 -> 0.26-0.40 over trainer seeds 1-4 and 42 (40 steps: 0.10-0.18)
+    assert main(["train", *tts_args(assets, tts, out, "trainer.max_steps=80", "objective.audio_loss_weight=2.0")]) == 0
     records = read_metrics(out)
     evals = [r for r in records if "eval/audio_acc" in r]
-    assert [r["step"] for r in evals] == [0, 40]
+    assert [r["step"] for r in evals] == [0, 80]
     assert evals[-1]["eval/audio_acc"] > evals[0]["eval/audio_acc"] + 0.1
     assert evals[-1]["eval/audio_loss"] < evals[0]["eval/audio_loss"]
     train = [r for r in records if "audio_loss" in r]
-    assert len(train) == 40 and {"text_loss", "audio_acc"} <= train[0].keys()
+    assert len(train) == 80 and {"text_loss", "audio_acc"} <= train[0].keys()
