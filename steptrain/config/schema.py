@@ -29,7 +29,7 @@ class ModelConfig:
     path: str | None = None  # HF-format model directory (AutoModelForCausalLM)
     preset: str | None = None  # or a tiny architecture from steptrain.models.presets (random init)
     llm_path: str | None = None  # speech model assembled from an HF causal LM directory ...
-    encoder_path: str | None = None  # ... plus a saved encoder+adapter (fresh when unset)
+    encoder_path: str | None = None  # ... plus an HF Whisper directory or a saved steptrain encoder+adapter (fresh: unset)
     freeze_encoder: bool = True  # speech models: Step-Audio 2 keeps its audio encoder frozen throughout
     audio_codes: int = 0  # add N discrete audio output tokens <audio_k> + <tts_start>/<tts_end> (Step-Audio 2: 6561)
     new_token_init: str = "mean"  # embedding rows of added tokens: mean of the existing rows | random

@@ -22,7 +22,7 @@ Behaviour of a released checkpoint reproduced here (where steptrain's own defaul
   there, a non-trainable buffer here);
 - adapter gelu(conv) -> linear1 (2048) -> ReLU -> linear2, and attention scaled by 1/sqrt(head_dim)
   (the official q and k scaling by head_dim**-0.25 each is the same product) are steptrain's own.
-- no BOS in the prompt (the template's business: ``data.template`` / ``data.step_bos``).
+- no BOS in the prompt (``data.template=auto`` resolves the Step template without BOS for this family).
 
 Importing :mod:`steptrain.models.speech` registers ``step_audio_2`` with ``AutoConfig`` and
 ``AutoModelForCausalLM`` (``StepAudio2ForCausalLM``), so ``AutoModelForCausalLM.from_pretrained(dir)``
