@@ -113,6 +113,8 @@ def test_contradictory_rl_settings_fail_before_loading(assets, tmp_path):
     check_ppo(r"recipe=ppo needs a critic", "model.path=null", "model.preset=tiny",
               f"model.tokenizer_path={assets['model']}")
     check_ppo(r"recipe=ppo trains text LLMs", "model.path=null", f"model.llm_path={assets['model']}")
+    check_ppo(r"recipe=ppo trains text LLMs", "model.path=null", "model.preset=tiny-speech",
+              f"model.tokenizer_path={assets['model']}")
     check_ppo(r"objective\.critic_lr=0\.0 must be > 0", "objective.critic_lr=0")
     load_config(_grpo(assets, tmp_path, "rollout.num_generations=1", recipe="ppo"))  # PPO needs no group
 

@@ -313,6 +313,14 @@ def test_preference_and_rl_recipes_run_on_the_released_layout(released, speech, 
     assert trained.config.checkpoint_layout == "step_audio_2"
 
 
+def test_ppo_refuses_the_released_speech_model_before_loading(released, speech, tmp_path):
+    from steptrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="recipe=ppo trains text LLMs"):
+        load_config(["experiment=ppo", f"model.path={released['dir']}", f"data.train_files=[{speech['asr_train']}]",
+                     f"output_dir={tmp_path}"])
+
+
 def test_sharded_save_and_load_keep_the_layout(released, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(released["dir"]).eval()
     model.save_pretrained(tmp_path / "sharded", max_shard_size="300KB")  # released layout, in shards

@@ -228,7 +228,9 @@ def _check_rl(cfg: DictConfig, fail) -> None:
     if recipe.critic:
         m = cfg.model
         critic = o.critic_path or m.path
-        if m.llm_path:
+        from steptrain.models.loader import is_speech_config  # reads config.json only
+
+        if m.llm_path or ((m.preset or (m.path and Path(m.path).is_dir())) and is_speech_config(m)):
             fail(f"recipe={cfg.recipe.name} trains text LLMs (its critic is a token classifier); use recipe=grpo "
                  "for speech models")
         elif not critic or not Path(critic).is_dir():
