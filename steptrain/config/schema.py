@@ -36,7 +36,7 @@ class ModelConfig:
     tokenizer_path: str | None = None  # defaults to `path` (or `llm_path`); required with `preset`
     trust_remote_code: bool = False
     dtype: str = "float32"  # weights dtype on load: float32 | bfloat16 | float16
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flex_attention (Step-1: the fused ALiBi-sqrt path, CUDA)
     gradient_checkpointing: bool = False
 
 
@@ -239,7 +239,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "objective.loss": tuple(PREFERENCE_LOSSES),
     "objective.reference": ("precompute", "adapter_off", "model"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
     "model.new_token_init": ("mean", "random"),
     "data.template": TEMPLATES,
     "data.loss_on": ("all_assistant", "last_assistant"),

@@ -8,6 +8,9 @@ Parameter counts (embeddings and the untied lm_head included):
 - ``small-20m``: hidden 384, FFN 1664, 6 layers, 6 heads, 2 KV heads -> 13,869,696 + 768 * V
   parameters, i.e. 20,013,696 at V = 8000.
 
+Step-1 presets (``step1-tiny``, ``step-audio-tts-3b``, ``step-audio-chat``) live in
+:mod:`steptrain.models.step1.presets`; :func:`build_preset` builds them too.
+
 The caller seeds the random initialisation (``torch.manual_seed``) before :func:`build_preset`.
 """
 
@@ -69,8 +72,13 @@ def build_preset(name: str, tokenizer) -> PreTrainedModel:
 
     vocab_size = len(tokenizer); bos/eos/pad token ids are taken from the tokenizer (eos is the
     end-of-turn token for Step tokenizers). Seed with ``torch.manual_seed`` before calling.
-    Raises ValueError listing the valid names for an unknown ``name``.
+    Raises ValueError listing the valid names for an unknown ``name``. A Step-1 preset
+    (:data:`steptrain.models.step1.presets.STEP1_PRESETS`) gives a ``Step1ForCausalLM`` instead.
     """
+    from steptrain.models.step1.presets import STEP1_PRESETS, build_step1_preset
+
+    if name in STEP1_PRESETS:
+        return build_step1_preset(name, tokenizer)
     config = preset_config(
         name,
         vocab_size=len(tokenizer),
