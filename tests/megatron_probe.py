@@ -23,9 +23,9 @@ def main() -> None:
 
     from steptrain.config import load_config, load_saved_config
     from steptrain.data import collate, load_sft_data, read_rows
-    from steptrain.inputs import resolve_inputs
     from steptrain.engines import build_engine
     from steptrain.engines.optim import param_groups
+    from steptrain.inputs import resolve_inputs
     from steptrain.models.loader import load_tokenizer
     from steptrain.recipes.loop import build_model
 
