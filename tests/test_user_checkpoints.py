@@ -105,11 +105,12 @@ def test_a_template_that_raises_names_the_row(world, capsys, tmp_path):
     assert capsys.readouterr().err.strip() == f"steptrain: error: {bad}:2: chat template error: System role not supported"
 
 
-@pytest.mark.parametrize("recipe", ["sft_lora", "dpo", "grpo"])
+@pytest.mark.parametrize("recipe", ["sft_lora", "dpo", "reward_model", "grpo", "ppo"])
 @pytest.mark.parametrize("style", list(STYLES))
 def test_three_arguments_train(world, style, recipe, tmp_path):
-    data = {"sft_lora": world["sft"], "dpo": world["pairs"], "grpo": world["prompts"]}[recipe]
-    extra = ["rollout.num_generations=2", "rollout.max_new_tokens=6"] if recipe == "grpo" else []
+    data = {"sft_lora": world["sft"], "dpo": world["pairs"], "reward_model": world["pairs"], "grpo": world["prompts"],
+            "ppo": world["prompts"]}[recipe]
+    extra = ["rollout.num_generations=2", "rollout.max_new_tokens=6"] if recipe in ("grpo", "ppo") else []
     out = tmp_path / "run"
     assert main(["train", f"experiment={recipe}", f"model.path={world[style]}", f"data.train_files=[{data}]",
                  f"output_dir={out}", *SHORT, *extra]) == 0
