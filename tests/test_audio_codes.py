@@ -249,6 +249,9 @@ def test_stepaudio_adapter_wiring(tmp_path, monkeypatch):
     fake.StepAudioTokenizer = FakeStepAudioTokenizer
     monkeypatch.setitem(sys.modules, "fake_stepaudio_tokenizer", fake)
     monkeypatch.setattr(StepAudioTokenizer, "MODULE", "fake_stepaudio_tokenizer")
+    for name in StepAudioTokenizer.REQUIRED_FILES:  # an (empty) Step-Audio-Tokenizer weights layout
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
     tok = load_audio_tokenizer(f"stepaudio:{tmp_path}")
     assert tok.encode(np.zeros(1600, np.float32), 16000) == [1, 2, 1029, 1030, 1031, 3, 4, 1032, 1033, 1034]
     assert calls == {"path": str(tmp_path), "shape": (1, 1600), "sr": 16000}

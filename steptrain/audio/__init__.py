@@ -10,6 +10,7 @@ from .codes import (
     interleave_text_audio,
     split_text_audio,
 )
+from .dual import DualCodebookTokenizer, DualStreamTokenizer
 from .features import chunk_audio, log_mel, log_mel_batch, mel_filters, num_frames
 from .io import AudioError, audio_duration, load_audio, resample
 from .tokenizer import AudioTokenizer, AudioTokenizerError, KMeansAudioTokenizer, load_audio_tokenizer
@@ -21,6 +22,8 @@ __all__ = [
     "AudioIdMap",
     "AudioTokenizer",
     "AudioTokenizerError",
+    "DualCodebookTokenizer",
+    "DualStreamTokenizer",
     "KMeansAudioTokenizer",
     "audio_duration",
     "chunk_audio",

@@ -1,5 +1,8 @@
 """Audio tokenizers: a protocol, a built-in k-means reference tokenizer, and adapters to real codecs.
 
+Step-Audio v1's dual-codebook tokenizers (the reference ``DualCodebookTokenizer``, the stream protocol and
+the exact rates) are in ``steptrain.audio.dual``; ``StepAudioTokenizer`` here adapts the real one.
+
 ``KMeansAudioTokenizer`` is a small reference/test tokenizer, not a speech codec: features are the
 Step-Audio 2 log-mel frames (100 Hz) averaged over windows of 4 frames (25 Hz, one code per 40 ms),
 quantised by k-means (k-means++ init, seeded, Lloyd iterations, in torch). It cannot decode.
@@ -16,7 +19,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from .codes import interleave_dual
+from .codes import STEP_AUDIO_V1, deinterleave_dual, interleave_dual
 from .features import SAMPLE_RATE, log_mel, num_frames
 from .io import resample
 
@@ -186,12 +189,13 @@ class KMeansAudioTokenizer:
 
         d = Path(directory)
         cfg_path, w_path = d / "config.json", d / "centroids.safetensors"
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise AudioTokenizerError(f"{d}: not a k-means audio tokenizer directory ({p.name} missing)")
+        if not cfg_path.is_file():
+            raise AudioTokenizerError(f"{d}: not a k-means audio tokenizer directory ({cfg_path.name} missing)")
         cfg = json.loads(cfg_path.read_text())
-        if cfg.get("type") != "kmeans":
+        if cfg.get("type") != "kmeans":  # e.g. a 'dual' directory given as kmeans:DIR
             raise AudioTokenizerError(f"{cfg_path}: type is {cfg.get('type')!r}, expected 'kmeans'")
+        if not w_path.is_file():
+            raise AudioTokenizerError(f"{d}: not a k-means audio tokenizer directory ({w_path.name} missing)")
         tok = cls(
             n_codes=cfg["n_codes"],
             n_mels=cfg["n_mels"],
@@ -211,6 +215,13 @@ def _require_module(module: str, purpose: str, hint: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
+        missing = getattr(e, "name", None)
+        if missing and missing != module and not module.startswith(missing + "."):
+            # the module exists but one of its own imports does not (e.g. Step-Audio's 'whisper')
+            raise AudioTokenizerError(
+                f"{purpose}: importing '{module}' failed, its dependency '{missing}' is not installed "
+                f"({e}; {hint})"
+            ) from e
         raise AudioTokenizerError(
             f"{purpose} needs the Python package '{module}', which is not installed ({hint})"
         ) from e
@@ -255,20 +266,42 @@ class CosyVoice2Tokenizer:
 class StepAudioTokenizer:
     """Adapter to Step-Audio v1's dual-codebook tokenizer (vq02 + vq06, interleaved 2:3 -> 5120 codes).
 
-    Needs the Step-Audio repository's ``tokenizer`` module (class ``StepAudioTokenizer``) importable and
-    DIR = the Step-Audio-Tokenizer weights directory. UNVERIFIED here (package and weights absent).
+    Same protocol as ``dual.DualCodebookTokenizer`` (``encode``, ``encode_streams``, ``decode_streams``).
+    Needs the Step-Audio repository (https://github.com/stepfun-ai/Step-Audio) on PYTHONPATH, so that its
+    ``tokenizer`` module (class ``StepAudioTokenizer``, with its own requirements: funasr_detach, whisper,
+    onnxruntime, torchaudio) imports, and DIR = the Step-Audio-Tokenizer weights directory holding
+    ``REQUIRED_FILES``. Step's class runs its ONNX model with the CUDA provider and the Paraformer on
+    device 0, so it needs a GPU. ``trim_silence`` / ``energy_norm`` = None keep the defaults of Step's
+    ``wav2token`` (both on: silence is trimmed before coding, so a clip's code count follows its trimmed
+    length); ``encode`` with defaults is what Step-Audio-TTS does to a prompt clip (docs/step_facts.md,
+    section 1). UNVERIFIED here (package and weights absent); the wiring is tested with a stand-in.
     """
 
     rate_hz = 25.0 + 50.0 / 3.0  # 16.7 Hz linguistic + 25 Hz semantic codes per second
     n_codes = 5120
+    linguistic_rate_hz = 50.0 / 3.0
+    semantic_rate_hz = 25.0
+    id_map = STEP_AUDIO_V1
     MODULE = "tokenizer"
+    REQUIRED_FILES = (
+        "linguistic_tokenizer.npy",  # vq02 k-means centroids
+        "speech_tokenizer_v1.onnx",  # vq06: CosyVoice speech tokenizer v1
+        "dengcunqin/speech_paraformer-large_asr_nat-zh-cantonese-en-16k-vocab8501-online",  # Paraformer
+    )
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        trim_silence: bool | None = None,
+        energy_norm: bool | None = None,
+    ):
         d = Path(directory)
         mod = _require_module(
             self.MODULE,
             "stepaudio audio tokenizer",
-            "put the Step-Audio repository (https://github.com/stepfun-ai/Step-Audio) on PYTHONPATH",
+            "put the Step-Audio repository (https://github.com/stepfun-ai/Step-Audio) on PYTHONPATH and "
+            "install its requirements.txt",
         )
         if not hasattr(mod, "StepAudioTokenizer"):
             raise AudioTokenizerError(
@@ -279,19 +312,35 @@ class StepAudioTokenizer:
             raise AudioTokenizerError(
                 f"stepaudio audio tokenizer: weights directory {d} not found (Step-Audio-Tokenizer)"
             )
+        missing = [name for name in self.REQUIRED_FILES if not (d / name).exists()]
+        if missing:
+            raise AudioTokenizerError(
+                f"stepaudio audio tokenizer: {d} is not a Step-Audio-Tokenizer weights directory, missing "
+                f"{', '.join(missing)} (download stepfun-ai/Step-Audio-Tokenizer)"
+            )
+        self.wav2token_kwargs = {
+            k: bool(v) for k, v in (("enable_trim", trim_silence), ("energy_norm", energy_norm)) if v is not None
+        }
         self.impl = mod.StepAudioTokenizer(str(d))
 
-    def encode(self, audio: np.ndarray, sr: int) -> list[int]:
-        """Dual-codebook codes 0..5119 (``interleave_dual`` of the codec's vq02 / vq06 streams).
+    def encode_streams(self, audio: np.ndarray, sr: int) -> tuple[list[int], list[int]]:
+        """(vq02, vq06) as Step's tokenizer computes them (codes without the 65536 / 1024 offsets).
 
         Step-Audio's ``wav2token(audio [channels, samples] tensor, sample_rate)`` returns
-        ``(speech_tokens, vq02, vq06)``; we re-interleave vq02 / vq06 ourselves.
+        ``(llm ids, vq02, vq06)``; we keep the raw streams and interleave them ourselves.
         """
         wav = torch.as_tensor(np.asarray(audio, dtype=np.float32))
         if wav.ndim == 1:
             wav = wav[None]
-        _, vq02, vq06 = self.impl.wav2token(wav, sr)
-        return interleave_dual([int(v) for v in vq02], [int(v) for v in vq06])
+        _, vq02, vq06 = self.impl.wav2token(wav, sr, **self.wav2token_kwargs)
+        return [int(v) for v in vq02], [int(v) for v in vq06]
+
+    def encode(self, audio: np.ndarray, sr: int) -> list[int]:
+        """Dual-codebook codes 0..5119 (``interleave_dual`` of the codec's vq02 / vq06 streams)."""
+        return interleave_dual(*self.encode_streams(audio, sr))
+
+    def decode_streams(self, codes: list[int]) -> tuple[list[int], list[int]]:
+        return deinterleave_dual(codes)
 
     def decode(self, codes: list[int]) -> np.ndarray:
         raise NotImplementedError(
@@ -299,11 +348,19 @@ class StepAudioTokenizer:
         )
 
 
+def _load_dual(directory: str) -> AudioTokenizer:
+    from .dual import DualCodebookTokenizer
+
+    return DualCodebookTokenizer.load(directory)
+
+
 def load_audio_tokenizer(spec: str) -> AudioTokenizer:
-    """'kmeans:DIR' -> KMeansAudioTokenizer.load(DIR); 'cosyvoice2:DIR' / 'stepaudio:DIR' -> codec adapters."""
+    """'kmeans:DIR' -> KMeansAudioTokenizer.load(DIR); 'dual:DIR' -> dual.DualCodebookTokenizer.load(DIR)
+    (Step-Audio v1 layout, reference codebooks); 'cosyvoice2:DIR' / 'stepaudio:DIR' -> codec adapters."""
     kind, sep, directory = spec.partition(":")
     kinds = {
         "kmeans": KMeansAudioTokenizer.load,
+        "dual": _load_dual,
         "cosyvoice2": CosyVoice2Tokenizer,
         "stepaudio": StepAudioTokenizer,
     }
