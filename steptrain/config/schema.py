@@ -74,6 +74,12 @@ class DataConfig:
 @dataclass
 class ObjectiveConfig:
     audio_loss_weight: float = 1.0  # weight of discrete-audio-token targets relative to text targets
+    # > 0: the LM head's loss / log-probs are computed this many labelled tokens at a time from the last
+    # hidden states (objectives/chunked_head.py), never materialising [B, T, V] logits (Step-Audio 2's V is
+    # 158,720); equal to the plain head to rounding. SFT, DPO, GRPO, PPO (policy, reference, KL). 0: the
+    # plain head (full logits). Refused with engine=megatron, ZeRO-3 and engine.find_unused_parameters; a head
+    # wrapped by peft or followed by a logit transform (soft-capping) falls back to plain logits, with a warning.
+    head_chunk_tokens: int = 0
     # --- preference optimisation (recipe=dpo) ---
     loss: str = "sigmoid"  # a name in steptrain/objectives/registry.py (PREFERENCE_LOSSES; math: preference.py)
     beta: float = 0.1

@@ -71,6 +71,7 @@ def validate(cfg: DictConfig) -> None:
         fail(f"model.audio_codes={m.audio_codes} must be >= 0")
     if cfg.objective.audio_loss_weight < 0:
         fail(f"objective.audio_loss_weight={cfg.objective.audio_loss_weight} must be >= 0")
+    _check_head_chunks(cfg, fail)
 
     d = cfg.data
     if d.reply_interleave is not None:
@@ -177,6 +178,27 @@ def validate(cfg: DictConfig) -> None:
 
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_head_chunks(cfg: DictConfig, fail) -> None:
+    """objective.head_chunk_tokens: the chunked LM head (objectives/chunked_head.py) and where it cannot run."""
+    chunk, e = cfg.objective.head_chunk_tokens, cfg.engine
+    if chunk < 0:
+        fail(f"objective.head_chunk_tokens={chunk} must be >= 0 (0: the plain head)")
+    if chunk <= 0:
+        return
+    if _recipe(cfg).scalar_head:
+        fail(f"objective.head_chunk_tokens applies to the LM head; recipe={cfg.recipe.name} trains a scalar head "
+             "(set 0)")
+    if e.name == "megatron":
+        fail("objective.head_chunk_tokens is not supported on engine=megatron (its last pipeline stage computes "
+             "vocabulary-parallel logits itself); set 0")
+    if e.find_unused_parameters:
+        fail("objective.head_chunk_tokens uses the head's weight after the model's forward, which DDP's "
+             "engine.find_unused_parameters=true would mark unused; set one of them off")
+    if e.name == "deepspeed" and e.zero_stage == 3:
+        fail("objective.head_chunk_tokens is not supported with engine.zero_stage=3 (the head's weight is gathered "
+             "only inside its own forward); set 0 or use engine.zero_stage=1|2")
 
 
 def _check_reference(cfg: DictConfig, fail) -> None:

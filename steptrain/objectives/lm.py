@@ -5,21 +5,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from steptrain.objectives.chunked_head import IGNORE_INDEX, HeadInput, head_token_logps
 
 
-def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def token_nll(logits: torch.Tensor | HeadInput, targets: torch.Tensor) -> torch.Tensor:
     """-log p(targets[b, t] | logits[b, t]) per position ``[B, T]`` in float32; 0 where the target is -100.
 
     ``reduction="none"`` cross-entropy: no float32 log-softmax of the whole vocabulary is kept around.
+    ``logits`` may be a :class:`HeadInput` (hidden states and head weight, ``objective.head_chunk_tokens``):
+    then the head runs chunk by chunk over the labelled positions and no ``[B, T, V]`` logits exist.
     """
+    if isinstance(logits, HeadInput):
+        return -head_token_logps(logits, targets)[0]
     return F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     ).view_as(targets)
 
 
 def lm_loss_sum(
-    logits: torch.Tensor,
+    logits: torch.Tensor | HeadInput,
     labels: torch.Tensor,
     audio_ids: tuple[int, int] | None = None,
     audio_weight: float = 1.0,
@@ -36,13 +40,18 @@ def lm_loss_sum(
     With ``audio_ids = (first, last)`` (the discrete audio tokens' id range), targets are split into
     two streams and weighted:  L_sum = sum_text nll + audio_weight * sum_audio nll, and the metrics
     carry per-stream sums (``audio_nll``, ``audio_tokens``, ``audio_correct``) for separate curves.
+    ``logits`` may be a :class:`HeadInput` (the chunked head, see ``objectives/chunked_head.py``).
     """
-    shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    nll = token_nll(shift_logits, shift_labels)
     mask = shift_labels != IGNORE_INDEX
-    with torch.no_grad():
-        hit = (shift_logits.argmax(-1) == shift_labels) & mask
+    if isinstance(logits, HeadInput):
+        logp, hit = head_token_logps(logits[:, :-1], shift_labels)
+        nll = -logp
+    else:
+        shift_logits = logits[:, :-1].float()
+        nll = token_nll(shift_logits, shift_labels)
+        with torch.no_grad():
+            hit = (shift_logits.argmax(-1) == shift_labels) & mask
     metrics = {"nll": nll.sum().detach(), "label_tokens": mask.sum(), "correct": hit.sum()}
     if audio_ids is None:
         return nll.sum(), metrics

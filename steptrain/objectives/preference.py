@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from steptrain.objectives.chunked_head import HeadInput
 from steptrain.objectives.lm import IGNORE_INDEX, token_nll
 from steptrain.objectives.registry import PREFERENCE_LOSSES, names_with
 
@@ -21,7 +22,7 @@ _ORPO_MAX_AVG_LOGP = -1e-6
 
 
 def sequence_logps(
-    logits: torch.Tensor, labels: torch.Tensor, token_mask: torch.Tensor | None = None
+    logits: torch.Tensor | HeadInput, labels: torch.Tensor, token_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sum of label-token log-probs and the number of counted tokens, both ``[B]``.
 
@@ -32,7 +33,7 @@ def sequence_logps(
     e.g. discrete audio tokens so a speech model's preference signal comes from its text only. Dropped
     targets are turned into ``-100`` before the cross-entropy, so they add exactly zero to the value and
     the gradient. Cross-entropy in float32 with ``reduction="none"`` avoids gathering from a materialised
-    float32 log-softmax of the whole vocabulary.
+    float32 log-softmax of the whole vocabulary. ``logits`` may be a :class:`HeadInput` (the chunked head).
     """
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels {tuple(labels.shape)} must match logits[:2] {tuple(logits.shape[:2])}")
@@ -42,18 +43,20 @@ def sequence_logps(
 
 
 def gathered_logps(
-    logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, token_mask: torch.Tensor | None = None
+    logits: torch.Tensor | HeadInput, positions: torch.Tensor, targets: torch.Tensor, token_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`sequence_logps` for targets read at explicit positions: ``targets[b, j]`` (-100: none)
     is scored by ``logits[b, positions[b, j]]``. Used when two replies share one prompt in a row, so
     the prompt's last position predicts the first token of both. ``token_mask`` is aligned with targets.
     """
+    if isinstance(logits, HeadInput):  # gather the hidden states, not the logits
+        return target_logps(logits.gather(positions), targets, token_mask)
     picked = torch.gather(logits, 1, positions[..., None].expand(-1, -1, logits.shape[-1]))
     return target_logps(picked, targets, token_mask)
 
 
 def target_logps(
-    logits: torch.Tensor, targets: torch.Tensor, token_mask: torch.Tensor | None = None
+    logits: torch.Tensor | HeadInput, targets: torch.Tensor, token_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p(targets[b, j] | logits[b, j]) over j, counted targets) per row; ``token_mask``
     (aligned with targets) drops targets by turning them into -100: zero value and zero gradient."""

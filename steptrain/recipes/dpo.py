@@ -31,7 +31,7 @@ from steptrain.data.preference import (
 )
 from steptrain.engines import build_engine
 from steptrain.eval.lm import rank_share
-from steptrain.models.forward import lm_logits
+from steptrain.models.forward import lm_forward, lm_logits
 from steptrain.objectives import audio_token_mask, gathered_logps, preference_loss, sequence_logps
 from steptrain.objectives.registry import PREFERENCE_LOSSES
 from steptrain.recipes.loop import build_model, evaluate_task, start_run, train
@@ -44,16 +44,16 @@ CACHE = "reference_logps.safetensors"
 STATS = ("pairs", "loss", "chosen_rewards", "rejected_rewards", "correct", "chosen_logps", "rejected_logps")
 
 
-def reply_logps(model, batch, engine, audio_ids) -> tuple[torch.Tensor, torch.Tensor]:
+def reply_logps(model, batch, engine, audio_ids, forward=lm_logits) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs, counted tokens) of the trained replies, chosen ones first then rejected ones,
     optionally without audio tokens; for two-row (PairBatches) and shared-prompt batches alike."""
     with engine.autocast():
-        logits = lm_logits(model, batch)
+        logits = forward(model, batch)
     return logits_reply_logps(logits, batch, audio_ids)
 
 
 def logits_reply_logps(logits, batch, audio_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """``reply_logps`` from the logits of the batch."""
+    """``reply_logps`` from the logits of the batch (or the chunked head's input, a ``HeadInput``)."""
     if "chosen_positions" not in batch:
         return sequence_logps(logits, batch["labels"], audio_token_mask(batch["labels"], audio_ids))
     sides = [
@@ -75,14 +75,15 @@ class PrecomputedReference:
         return self.chosen[ids].to(batch["input_ids"].device), self.rejected[ids].to(batch["input_ids"].device)
 
 
-def compute_reference(engine, batches: PairBatches, batch_size: int, audio_ids) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_reference(engine, batches: PairBatches, batch_size: int, audio_ids,
+                      forward=lm_logits) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) log-prob sums of every pair under the current model, on every rank."""
     n = len(batches.pairs)
     out = torch.zeros(2, n, dtype=torch.float64)
     chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     mine, counted = rank_share(engine, chunks)
     inputs = [to_device(batches.batch([[i] for i in c]), engine.device) for c in mine]
-    results = engine.forward_only(inputs, lambda logits, batch: logits_reply_logps(logits, batch, audio_ids)[0])
+    results = engine.forward_only(inputs, lambda logits, batch: logits_reply_logps(logits, batch, audio_ids)[0], forward)
     for chunk, logps in zip(mine[:counted], results[:counted], strict=True):
         out[0, chunk] = logps[: len(chunk)].double().cpu()
         out[1, chunk] = logps[len(chunk) :].double().cpu()
@@ -125,7 +126,7 @@ def precomputed_reference(cfg, engine, splits: dict[str, PairBatches], audio_ids
     tables = {}
     for name, batches in splits.items():
         tables[f"{name}_chosen"], tables[f"{name}_rejected"] = compute_reference(
-            engine, batches, cfg.trainer.batch_size, audio_ids
+            engine, batches, cfg.trainer.batch_size, audio_ids, lm_forward(cfg)
         )
     if engine.is_main:
         tmp = path.with_suffix(".tmp")
@@ -142,8 +143,7 @@ class DPOTask(PairTask):
     def __init__(self, cfg, batches: PairBatches, engine, audio_ids, reference):
         super().__init__(batches, engine)
         self.cfg, self.audio_ids, self.reference = cfg, audio_ids, reference
-
-    forward = staticmethod(lm_logits)
+        self.forward = lm_forward(cfg)  # logits, or hidden states for the chunked head (objective.head_chunk_tokens)
 
     def score(self, logits, batch):
         o = self.cfg.objective

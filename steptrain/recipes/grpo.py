@@ -27,7 +27,7 @@ from steptrain.data import Encoded, collate, read_rows, to_device
 from steptrain.data.reader import validate_row
 from steptrain.engines import build_engine
 from steptrain.eval.lm import rank_share
-from steptrain.models.forward import lm_logits
+from steptrain.models.forward import lm_forward
 from steptrain.objectives.lm import IGNORE_INDEX, token_nll
 from steptrain.objectives.rl import clipped_policy_loss, group_advantages
 from steptrain.recipes.loop import build_model, split_eval, start_run, train
@@ -45,13 +45,12 @@ STATS = ("samples", "loss", "weight", "reward", "reward_sq", "completion_tokens"
 class GRPOTask:
     """Prompts -> sampled groups -> rewards and advantages (in ``batch``) -> clipped policy loss (``score``)."""
 
-    forward = staticmethod(lm_logits)
-
     def __init__(self, cfg, engine, prompts: list[RLPrompt], tokenizer, rewards: Rewards, ref_logits, features,
                  eos_ids: list[int]):
         self.cfg, self.engine, self.prompts, self.tokenizer, self.eos_ids = cfg, engine, prompts, tokenizer, eos_ids
         self.rewards, self.ref_logits, self.features = rewards, ref_logits, features
         self.lengths = [len(p.ids) for p in prompts]
+        self.forward = lm_forward(cfg)  # logits, or hidden states for the chunked head (objective.head_chunk_tokens)
         r = cfg.rollout
         self.group = r.num_generations
         self.sampling = Sampling(r.temperature, r.top_p, r.top_k)

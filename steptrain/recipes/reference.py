@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from omegaconf import OmegaConf
 
-from steptrain.models.forward import eval_mode, lm_logits
+from steptrain.models.forward import eval_mode, lm_forward
 from steptrain.models.loader import load_model
 
 
@@ -17,7 +17,9 @@ def reference_logits(cfg, engine, tokenizer) -> Callable[[dict], torch.Tensor]:
     ``objective.reference=adapter_off``: the policy being trained with its LoRA adapter disabled (no
     second model in memory; on ZeRO-3 every rank calls it in lockstep like any forward).
     ``objective.reference=model``: a frozen model from ``objective.ref_model_path`` on this rank's device.
+    With ``objective.head_chunk_tokens`` the "logits" are the chunked head's input (:func:`lm_forward`).
     """
+    lm_logits = lm_forward(cfg)
     if cfg.objective.reference == "adapter_off":
 
         def adapter_off(batch):

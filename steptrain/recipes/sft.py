@@ -13,7 +13,7 @@ import torch
 from steptrain.data import SFTData, collate, load_sft_data, read_rows
 from steptrain.engines import build_engine
 from steptrain.eval import evaluate_loss, generation_metrics
-from steptrain.models.forward import lm_logits
+from steptrain.models.forward import lm_forward
 from steptrain.objectives import lm_loss_sum, stats_vector, summarize_stats
 from steptrain.recipes.loop import TrainingError, build_model, split_eval, start_run, train
 
@@ -29,14 +29,13 @@ class SFTTask:
         self.cfg, self.examples, self.pad_id, self.features, self.audio_ids = cfg, examples, pad_id, features, audio_ids
         self.engine = engine
         self.lengths = [len(e.input_ids) for e in examples]
+        self.forward = lm_forward(cfg)  # logits, or hidden states for the chunked head (objective.head_chunk_tokens)
 
     def batch(self, rows):
         return collate(rows, self.examples, pad_id=self.pad_id, packing=self.cfg.data.packing, audio_features=self.features)
 
     def count(self, batch) -> float:
         return float((batch["labels"][:, 1:] != -100).sum())
-
-    forward = staticmethod(lm_logits)
 
     def score(self, logits, batch):
         loss_sum, m = lm_loss_sum(logits, batch["labels"], self.audio_ids, self.cfg.objective.audio_loss_weight)
