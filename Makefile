@@ -52,7 +52,7 @@ demo-text: setup
 	$(PY) -m data_pipelines.demo_report $(DEMO)/run $(DEMO)/export
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 lint: setup
 	$(VENV)/bin/ruff check .

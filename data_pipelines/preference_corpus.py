@@ -6,7 +6,10 @@ ways, drawn per pair among ``negatives``:
 - ``"digits"``: the same number of digits, but drawn at random (none of the prompt's digits kept in
   place), so preferring the chosen reply means using the prompt's digits;
 - ``"order"``: the prompt's digits in a wrong order (the answer of another task, or shuffled), so
-  preferring the chosen reply means knowing the task.
+  preferring the chosen reply means knowing the task;
+- ``"foreign"`` (not drawn by default): the same number of digits, all absent from the prompt: the
+  cleanest signal (the chosen reply uses only the prompt's digits, the rejected one none of them), for
+  tests that need a tiny model to learn the preference reliably in a few hundred steps.
 
 Rows are ms-swift preference JSONL::
 
@@ -33,6 +36,11 @@ def _wrong_digits(rng: random.Random, answer: list[str]) -> list[str]:
     return [rng.choice([d for d in DIGITS if d != a]) for a in answer]
 
 
+def _foreign_digits(rng: random.Random, prompt_digits: list[str], answer: list[str]) -> list[str]:
+    others = [d for d in DIGITS if d not in prompt_digits]  # prompts have at most 7 digits: never empty
+    return [rng.choice(others) for _ in answer]
+
+
 def _wrong_order(rng: random.Random, task: str, digits: list[str], answer: list[str]) -> list[str]:
     options = [solve(t, digits).split() for t in TASKS if t != task]
     options = [o for o in options if o != answer]
@@ -46,13 +54,21 @@ def _wrong_order(rng: random.Random, task: str, digits: list[str], answer: list[
     return _wrong_digits(rng, answer)  # all digits equal: no other order exists
 
 
-NEGATIVES = ("digits", "order")
+NEGATIVES = ("digits", "order")  # the default mix; "foreign" is the third kind
+KINDS = (*NEGATIVES, "foreign")
 
 
 def make_pair(rng: random.Random, prompt_digits: list[str], task: str, negatives=NEGATIVES) -> dict:
     answer = solve(task, prompt_digits).split()
     kind = rng.choice(negatives)
-    rejected = _wrong_digits(rng, answer) if kind == "digits" else _wrong_order(rng, task, prompt_digits, answer)
+    if kind not in KINDS:
+        raise ValueError(f"negative kind {kind!r} is not one of {', '.join(KINDS)}")
+    if kind == "digits":
+        rejected = _wrong_digits(rng, answer)
+    elif kind == "foreign":
+        rejected = _foreign_digits(rng, prompt_digits, answer)
+    else:
+        rejected = _wrong_order(rng, task, prompt_digits, answer)
     return {
         "messages": [
             {"role": "user", "content": f"{task}: {' '.join(prompt_digits)}"},

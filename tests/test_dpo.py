@@ -26,11 +26,11 @@ def pref(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pref_large(tmp_path_factory):
-    """Random-digit negatives only (the prompt's digits tell chosen from rejected): held-out accuracy after 150
-    steps was 0.79-0.95 over trainer seeds 0-4 x corpus seeds 0-1; with the wrong-order negatives mixed in,
-    0.58-0.78 (a 0.7 threshold fails on some seeds and machines)."""
+    """Rejected replies use only digits the prompt lacks: a preference a tiny model learns reliably. Held-out
+    accuracy after 150 steps over trainer seeds 0-4 x corpus seeds 0-1: 0.98-1.0 (margins 3.4-6.7); with
+    random-digit negatives 0.79-0.95, with the default mix (random digits or a wrong order) 0.58-0.78."""
     return write_preference_corpus(tmp_path_factory.mktemp("pref_large"), n_train=1200, n_eval=96, seed=0,
-                                   negatives=("digits",))
+                                   negatives=("foreign",))
 
 
 def dpo_args(assets, pref, out, *extra) -> list[str]:
@@ -96,13 +96,12 @@ def test_every_loss_trains_and_logs_reward_metrics(assets, pref, tmp_path, loss)
         assert first_eval["eval/loss"] == pytest.approx(0.693147, abs=1e-5)
 
 
-@pytest.mark.slow
 def test_dpo_raises_held_out_preference_accuracy(assets, pref_large, tmp_path):
     result = dpo.run(load_config(dpo_args(assets, pref_large, tmp_path, "trainer.max_steps=150", "trainer.eval_every=0")))
     evals = [r for r in read_metrics(tmp_path) if "eval/rewards/accuracy" in r]
     assert evals[0]["eval/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-    assert result["eval"]["eval/rewards/accuracy"] > 0.7  # 96 held-out pairs; chance is 0.5
-    assert result["eval"]["eval/rewards/margins"] > 0.3
+    assert result["eval"]["eval/rewards/accuracy"] > 0.9  # 96 held-out pairs; chance is 0.5
+    assert result["eval"]["eval/rewards/margins"] > 1.0
 
 
 def test_precomputed_and_adapter_off_references_agree_and_the_cache_survives_resume(assets, pref, tmp_path):

@@ -201,7 +201,6 @@ def test_rollout_batch_layout(assets, tmp_path):
 
 
 # --- end to end ----------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_grpo_raises_the_reward(assets, tmp_path):
     out = tmp_path / "run"
     assert main(["train", *_grpo(assets, out, f"data.eval_files=[{assets['eval']}]", "trainer.generate_eval=16",
@@ -227,7 +226,6 @@ def test_grpo_raises_the_reward(assets, tmp_path):
     assert digit_share(texts, [{}]) == [1.0], texts
 
 
-@pytest.mark.slow
 def test_speech_prompts_roll_out_with_their_audio(assets, speech, tmp_path):
     out = tmp_path / "speech"
     assert main(["train", "experiment=grpo", "model.preset=tiny-speech", f"model.tokenizer_path={assets['model']}",
@@ -290,7 +288,6 @@ def test_ppo_rewards_advantages_and_value_loss_match_hand_values():
     assert [lr_factor(s, total_steps=6, warmup=0, kind="constant", min_ratio=0, hold=2) for s in range(4)] == [0, 0, 1, 1]
 
 
-@pytest.mark.slow
 def test_ppo_raises_the_reward_with_a_learning_critic(assets, tmp_path):
     out = tmp_path / "run"
     assert main(["train", *_grpo(assets, out, "objective.critic_lr=3e-3", "trainer.max_steps=30",

@@ -188,6 +188,7 @@ def test_checkpoint_saved_at_tp2_resumes_at_tp1_and_pp2_with_identical_losses(as
     run_cli(["train", *_args(assets, models[False], tmp_path / "tp2", *common, "engine.tensor_parallel=2")],
             launcher=TORCHRUN)
     reference = train_losses(tmp_path / "tp2")
+    # tp1 too in a fresh process: the Megatron engine's parallel state and CPU shim are process-wide
     for name, launcher, layout in (("tp1", None, []), ("pp2", TORCHRUN, ["engine.pipeline_parallel=2"])):
         out = tmp_path / name
         (out / "checkpoints").mkdir(parents=True)
