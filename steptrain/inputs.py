@@ -23,7 +23,7 @@ from steptrain.audio.io import load_audio
 from steptrain.data import AudioClip, AudioSpec, ReplyAudioSpec
 from steptrain.data.run_inputs import RunInputs
 from steptrain.data.templates import ChatTemplate, resolve_template
-from steptrain.models.loader import audio_code_ids, is_speech_config, speech_front_end
+from steptrain.models.loader import audio_code_ids, is_speech_config, is_step1_config, speech_front_end
 
 __all__ = ["RunInputs", "clip_features", "model_family", "resolve_inputs", "with_resolved_template"]
 
@@ -69,11 +69,12 @@ def _reply_audio_spec(tokenizer, model_cfg, data_cfg) -> ReplyAudioSpec | None:
         def encode(path: str) -> list[int]:
             return [int(k) for k in codec.encode(load_audio(path), 16000)]
 
+    bare = is_step1_config(model_cfg)  # Step-Audio v1 speaks bare <audio_k> tokens, Step-Audio 2 wraps them
     return ReplyAudioSpec(
         first_id=ids[0],
         n_codes=model_cfg.audio_codes,
-        start_id=tokenizer.convert_tokens_to_ids("<tts_start>"),
-        end_id=tokenizer.convert_tokens_to_ids("<tts_end>"),
+        start_id=None if bare else tokenizer.convert_tokens_to_ids("<tts_start>"),
+        end_id=None if bare else tokenizer.convert_tokens_to_ids("<tts_end>"),
         encode=encode,
         interleave=tuple(int(x) for x in data_cfg.reply_interleave.split(":")) if data_cfg.reply_interleave else None,
     )

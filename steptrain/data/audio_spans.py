@@ -59,8 +59,8 @@ class ReplyAudioSpec:
 
     first_id: int  # id of <audio_0>; code k is first_id + k
     n_codes: int
-    start_id: int
-    end_id: int
+    start_id: int | None  # <tts_start> / <tts_end> around the codes (Step-Audio 2); None: bare codes (Step-Audio v1)
+    end_id: int | None
     encode: Callable[[str], list[int]] | None = None  # audio file -> codes (an AudioTokenizer), if any
     # (text, audio) tokens per chunk: the reply's transcript (the turn's text before the tag) and its
     # audio tokens alternate inside one <tts_start> ... <tts_end> block (see interleave_text_audio).
@@ -69,11 +69,15 @@ class ReplyAudioSpec:
     def tokens(self, codes: list[int]) -> list[int]:
         if not isinstance(codes, list) or not all(isinstance(k, int) and 0 <= k < self.n_codes for k in codes):
             raise DataError("bad audio codes", f"audio codes must be integers in [0, {self.n_codes - 1}]")
-        return [self.start_id, *(self.first_id + k for k in codes), self.end_id]
+        return self._wrap([self.first_id + k for k in codes])
 
     def with_transcript(self, block: list[int], transcript: list[int]) -> list[int]:
         """A ``tokens`` block with the transcript's ids interleaved into it at ``interleave``."""
-        return [self.start_id, *interleave_text_audio(transcript, block[1:-1], self.interleave), self.end_id]
+        codes = block[1:-1] if self.start_id is not None else block
+        return self._wrap(interleave_text_audio(transcript, codes, self.interleave))
+
+    def _wrap(self, ids: list[int]) -> list[int]:
+        return ids if self.start_id is None else [self.start_id, *ids, self.end_id]
 
 
 def audio_paths(row: dict, source: str, expected: int | None = None) -> list[str]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from steptrain.audio.codes import STEP_AUDIO_V1
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -106,14 +108,26 @@ def load_tokenizer(model_cfg) -> PreTrainedTokenizerBase:
         # Padding positions never carry loss, so any id works; EOS is the conventional choice.
         tok.pad_token = tok.eos_token or tok.unk_token
     wanted = list(SPEECH_TOKENS) if is_speech_config(model_cfg) else []
+    step1 = is_step1_config(model_cfg)
     if model_cfg.audio_codes:  # codes first, so <audio_0..N-1> get contiguous ids
-        wanted = [f"<audio_{k}>" for k in range(model_cfg.audio_codes)] + wanted + ["<tts_start>", "<tts_end>"]
+        # Step-Audio v1 (step1) writes audio tokens bare, without Step-Audio 2's <tts_start> / <tts_end>.
+        wanted = [f"<audio_{k}>" for k in range(model_cfg.audio_codes)] + wanted + ([] if step1 else ["<tts_start>", "<tts_end>"])
     if wanted:
         vocab = tok.get_vocab()
         missing = [t for t in wanted if t not in vocab]
         if missing:  # a text tokenizer becoming a speech one: the model's embeddings grow to match
             tok.add_tokens(list(missing), special_tokens=True)
+    if step1 and model_cfg.audio_codes:
+        first = tok.convert_tokens_to_ids("<audio_0>")
+        if first != STEP_AUDIO_V1.offset:
+            raise ValueError(f"{path}: a Step-1 tokenizer must hold <audio_k> at id {STEP_AUDIO_V1.offset} + k (the "
+                             f"released vocabulary: 65,536 text ids, then the audio codes); <audio_0> is id {first}")
     return tok
+
+
+def is_step1_config(model_cfg) -> bool:
+    """Whether ``model.path`` is a Step-1 checkpoint (Step-Audio-Chat, Step-Audio-TTS-3B)."""
+    return bool(model_cfg.path) and _config_json(model_cfg.path).get("model_type") == "step1"
 
 
 def audio_code_ids(tokenizer, n_codes: int) -> tuple[int, int] | None:
