@@ -43,10 +43,10 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from .codes import N_VQ02, N_VQ06, STEP_AUDIO_V1, AudioIdMap, deinterleave_dual, interleave_dual
+from .codes import N_VQ02, N_VQ06, STEP_AUDIO_V1, AudioIdMap
 from .features import HOP_LENGTH, SAMPLE_RATE, log_mel
 from .io import resample
-from .tokenizer import AudioTokenizer, AudioTokenizerError, _assign, kmeans
+from .tokenizer import AudioTokenizer, AudioTokenizerError, InterleavedStreams, _assign, kmeans
 
 __all__ = [
     "GROUP_SAMPLES",
@@ -102,7 +102,7 @@ def _window_means(mel: torch.Tensor, width: int) -> torch.Tensor:
     return mel[:, : n * width].reshape(n_mels, n, width).mean(-1).T.contiguous()
 
 
-class DualCodebookTokenizer:
+class DualCodebookTokenizer(InterleavedStreams):
     """Reference Step-Audio v1 dual-codebook tokenizer: two k-means codebooks over log-mel windows.
 
     See the module docstring for the features, the exact stream lengths and the id layout. Fit with
@@ -199,14 +199,6 @@ class DualCodebookTokenizer:
         vq02 = _assign(ling, self.linguistic)[0].tolist() if ling.shape[0] else []
         vq06 = _assign(sem, self.semantic)[0].tolist() if sem.shape[0] else []
         return vq02, vq06
-
-    def encode(self, audio: np.ndarray, sr: int) -> list[int]:
-        """Interleaved codes k (0..5119), ``5 * (n // 1920)`` of them; LLM ids are ``id_map.to_ids``."""
-        return interleave_dual(*self.encode_streams(audio, sr))
-
-    def decode_streams(self, codes: list[int]) -> tuple[list[int], list[int]]:
-        """Interleaved codes -> (vq02, vq06); checks the layout (groups of 5, each code in its slot range)."""
-        return deinterleave_dual(codes)
 
     def decode(self, codes: list[int]) -> np.ndarray:
         raise NotImplementedError(

@@ -263,7 +263,20 @@ class CosyVoice2Tokenizer:
         )
 
 
-class StepAudioTokenizer:
+class InterleavedStreams:
+    """``encode`` / ``decode_streams`` of a Step-Audio v1 codec from its own ``encode_streams`` (vq02, vq06):
+    the streams are interleaved 2:3 into codes 0..5119 by ``codes.interleave_dual`` (one rule for all)."""
+
+    def encode(self, audio: np.ndarray, sr: int) -> list[int]:
+        """Interleaved codes k (0..5119); LLM ids are ``STEP_AUDIO_V1.to_ids``."""
+        return interleave_dual(*self.encode_streams(audio, sr))
+
+    def decode_streams(self, codes: list[int]) -> tuple[list[int], list[int]]:
+        """Interleaved codes -> (vq02, vq06); checks the layout (groups of 5, each code in its slot range)."""
+        return deinterleave_dual(codes)
+
+
+class StepAudioTokenizer(InterleavedStreams):
     """Adapter to Step-Audio v1's dual-codebook tokenizer (vq02 + vq06, interleaved 2:3 -> 5120 codes).
 
     Same protocol as ``dual.DualCodebookTokenizer`` (``encode``, ``encode_streams``, ``decode_streams``).
@@ -334,13 +347,6 @@ class StepAudioTokenizer:
             wav = wav[None]
         _, vq02, vq06 = self.impl.wav2token(wav, sr, **self.wav2token_kwargs)
         return [int(v) for v in vq02], [int(v) for v in vq06]
-
-    def encode(self, audio: np.ndarray, sr: int) -> list[int]:
-        """Dual-codebook codes 0..5119 (``interleave_dual`` of the codec's vq02 / vq06 streams)."""
-        return interleave_dual(*self.encode_streams(audio, sr))
-
-    def decode_streams(self, codes: list[int]) -> tuple[list[int], list[int]]:
-        return deinterleave_dual(codes)
 
     def decode(self, codes: list[int]) -> np.ndarray:
         raise NotImplementedError(
