@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,23 +21,20 @@ from steptrain.audio.io import load_audio
 from steptrain.data import AudioClip, AudioSpec, ReplyAudioSpec
 from steptrain.data.run_inputs import RunInputs
 from steptrain.data.templates import ChatTemplate, resolve_template
-from steptrain.models.loader import audio_code_ids, is_speech_config, is_step1_config, speech_front_end
+from steptrain.models.loader import (
+    audio_code_ids,
+    is_speech_config,
+    is_step1_config,
+    model_family,
+    speech_front_end,
+)
 
-__all__ = ["RunInputs", "clip_features", "model_family", "resolve_inputs", "with_resolved_template"]
+__all__ = ["RunInputs", "clip_features", "resolve_inputs", "with_resolved_template"]
 
 
 def clip_features(clip: AudioClip, n_mels: int = 128) -> torch.Tensor:
     """Log-mel [n_mels, frames] of one chunk (128 bins: Step-Audio 2 / Whisper large-v3; 80: earlier Whisper)."""
     return log_mel(load_audio(clip.path)[clip.start : clip.start + clip.length], n_mels=n_mels)
-
-
-def model_family(model_cfg) -> str | None:
-    """The checkpoint's config.json ``model_type`` (of ``model.path``, else ``model.llm_path``), or None."""
-    path = model_cfg.path or model_cfg.llm_path
-    config = Path(path) / "config.json" if path else None
-    if config is None or not config.is_file():
-        return None
-    return json.loads(config.read_text()).get("model_type")
 
 
 def _speech_audio_spec(tokenizer, data_cfg, front) -> AudioSpec:

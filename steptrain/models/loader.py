@@ -38,6 +38,13 @@ def _config_json(directory) -> dict:
     return json.loads(config.read_text()) if config.exists() else {}
 
 
+def model_family(model_cfg) -> str | None:
+    """The checkpoint's config.json ``model_type`` (of ``model.path``, else ``model.llm_path``), or None;
+    read without loading anything, so the chat template is known before a model is built."""
+    path = model_cfg.path or model_cfg.llm_path
+    return _config_json(path).get("model_type") if path else None
+
+
 def is_speech_config(model_cfg) -> bool:
     """Whether the config describes an encoder + adapter + LLM speech model."""
     if model_cfg.llm_path:
@@ -127,7 +134,7 @@ def load_tokenizer(model_cfg) -> PreTrainedTokenizerBase:
 
 def is_step1_config(model_cfg) -> bool:
     """Whether ``model.path`` is a Step-1 checkpoint (Step-Audio-Chat, Step-Audio-TTS-3B)."""
-    return bool(model_cfg.path) and _config_json(model_cfg.path).get("model_type") == "step1"
+    return bool(model_cfg.path) and model_family(model_cfg) == "step1"
 
 
 def audio_code_ids(tokenizer, n_codes: int) -> tuple[int, int] | None:
