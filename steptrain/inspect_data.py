@@ -70,14 +70,7 @@ def _prompts(cfg, tokenizer, inputs) -> tuple[list[Shown], dict]:
     shown = []
     for p in prompts:
         # A prompt has no labels: the trained tokens are the completions sampled during training.
-        e = Encoded(p.ids, [IGNORE_INDEX] * len(p.ids), p.row["_source"])
-        spans, n = [], 0
-        for i, t in enumerate(p.ids):  # each chunk's span runs from <audio_start> to <audio_end>
-            if inputs.audio and t == inputs.audio.start_id:
-                n = i
-            elif inputs.audio and t == inputs.audio.end_id:
-                spans.append((n, i + 1))
-        e.audio, e.audio_spans = list(p.clips), spans
+        e = Encoded(p.ids, [IGNORE_INDEX] * len(p.ids), p.row["_source"], list(p.clips), list(p.spans))
         reference = p.row.get("solution")
         shown.append(Shown.of(e, _rate(inputs), **({"solution": reference} if reference is not None else {})))
     report = {"rows": len(prompts) + sum(left_out.values()), "prompts": len(prompts), "skipped": dict(left_out),

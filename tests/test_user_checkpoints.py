@@ -169,6 +169,12 @@ def test_inspect_renders_trained_spans_and_summarises_heard_audio(assets, speech
     assert f"<audio: {end - start - 2} patches, {seconds:.2f} s>Transcribe the digits." in text
     assert f"\u00ab{reply}<|EOT|>\u00bb" in text  # the trained reply, marked
     assert text.splitlines()[-1].startswith("--- data: template jinja template")
+    # the same clip as an RL prompt: the same placeholder span, from <audio_start> to <audio_end>
+    rl, _ = _inspect(capsys, "experiment=grpo", *args[1:])
+    (rl_start, rl_end), = rl[0]["audio_spans"]
+    ids = rl[0]["input_ids"]
+    assert rl_end - rl_start == end - start and ids[rl_start] == first["input_ids"][start]
+    assert ids[rl_end - 1] == first["input_ids"][end - 1] and rl[0]["audio_seconds"] == [seconds]
 
 
 @pytest.mark.parametrize("style", list(STYLES))

@@ -18,6 +18,7 @@ from steptrain.data.templates import Segment
 class Prompt:
     ids: list[int]
     clips: list[AudioClip] = field(default_factory=list)  # heard audio chunks, in placeholder order
+    spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) token span of each chunk
 
 
 def encode_prompt(row: dict, messages: list[dict], template, tokenizer, audio: AudioSpec | None = None) -> Prompt:
@@ -29,8 +30,8 @@ def encode_prompt(row: dict, messages: list[dict], template, tokenizer, audio: A
     if audio is None:
         return Prompt(tokenizer(text, add_special_tokens=False)["input_ids"])
     spans = (clip_tokens(path, audio) for path in audio_paths(row, row.get("_source", "row")))
-    ids, _, clips, _ = tokenize_with_audio([Segment(text, False)], tokenizer, spans)
-    return Prompt(ids, clips)
+    ids, _, clips, chunk_spans = tokenize_with_audio([Segment(text, False)], tokenizer, spans)
+    return Prompt(ids, clips, chunk_spans)
 
 
 def split_reply(row: dict) -> tuple[list[dict], str | None]:

@@ -17,6 +17,7 @@ class RLPrompt:
     ids: list[int]
     row: dict
     clips: list[AudioClip] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) token span of each heard chunk
 
 
 def load_prompts(rows: list[dict], tokenizer, cfg, inputs: RunInputs) -> tuple[list[RLPrompt], Counter]:
@@ -41,5 +42,5 @@ def load_prompts(rows: list[dict], tokenizer, cfg, inputs: RunInputs) -> tuple[l
         if len(prompt.ids) > cfg.data.max_length:
             left_out["longer than data.max_length"] += 1
             continue
-        prompts.append(RLPrompt(prompt.ids, row, prompt.clips))
+        prompts.append(RLPrompt(prompt.ids, row, prompt.clips, prompt.spans))
     return prompts, left_out
